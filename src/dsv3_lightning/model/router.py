@@ -1,0 +1,111 @@
+"""The DeepSeekMoE router (module name ``mlp.gate``), SPEC.md §4.1, and the statistics it records.
+
+Legend: T tokens, D hidden, E routed experts, G groups, K experts per token.
+
+    s      = sigmoid(x W^T)  (or softmax)       [T, E]  float32 whatever the model dtype
+    s~     = s + e_score_correction_bias        selection scores; the bias never reaches the weights
+    group  = sum of top-2 s~ per group (sigmoid, V3) | max s per group (softmax, V2)   [T, G]
+    keep the top ``topk_group`` groups, mask the other experts' s~ to -inf (DeepSeek's reference; HF
+    masks with 0, which only differs when s~ can be negative)
+    ids    = top-K of the masked s~             [T, K]
+    w      = s gathered at ids, normalised to sum 1 if ``norm_topk_prob``, × routed_scaling_factor
+             (DeepSeek's V2 code honours norm_topk_prob for softmax too; the V2 checkpoints set it false)
+
+The selection bias ``e_score_correction_bias`` is a float32 buffer: outside autograd and the optimizer,
+saved in checkpoints, moved only by a balancing callback. No token is ever dropped.
+
+Statistics seam: every forward leaves a ``RouterStats`` in ``router.last_stats`` (the unbiased scores
+keep their graph, for balance losses) and, in training, adds the tokens-per-expert counts to
+``router.tokens_per_expert_sum`` until a callback reads and resets them with ``pop_tokens_per_expert``
+(summing over gradient-accumulation micro-batches is then automatic).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsv3_lightning.config import ModelConfig
+
+
+@dataclass
+class RouterStats:
+    """What one forward of one router decided, for balance losses and load metrics."""
+
+    scores_TE: torch.Tensor
+    """Unbiased affinities s (float32, with grad)."""
+    topk_ids_TK: torch.Tensor
+    """Selected experts per token."""
+    tokens_per_expert_E: torch.Tensor
+    """Tokens routed to each expert (int64, no grad)."""
+    batch_shape: tuple[int, ...]
+    """(B, S) of the tokens, so that per-sequence losses can regroup T = B·S."""
+
+
+class Router(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        c = config
+        self.num_experts, self.top_k = c.n_routed_experts, c.num_experts_per_tok
+        self.n_group, self.topk_group = c.n_group, c.topk_group
+        self.scoring_func, self.norm_topk_prob = c.scoring_func, c.norm_topk_prob
+        self.routed_scaling_factor = c.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(c.n_routed_experts, c.hidden_size))
+        self.register_buffer("e_score_correction_bias", torch.zeros(c.n_routed_experts, dtype=torch.float32))
+        self.register_buffer(
+            "tokens_per_expert_sum", torch.zeros(c.n_routed_experts, dtype=torch.float32), persistent=False
+        )
+        self.last_stats: RouterStats | None = None
+
+    def _apply(self, fn, recurse=True):
+        # Keep the bias and the counts in float32, unrounded, when the model is cast (model.bfloat16()):
+        # only their device follows the cast.
+        kept = {name: self._buffers[name] for name in ("e_score_correction_bias", "tokens_per_expert_sum")}
+        super()._apply(fn, recurse)
+        for name, old in kept.items():
+            new = self._buffers[name]
+            if new.dtype != torch.float32:
+                self._buffers[name] = old.to(device=new.device)
+        return self
+
+    def scores(self, x_TD: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(x_TD.float(), self.weight.float())
+        return logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(-1)
+
+    def select(self, scores_TE: torch.Tensor) -> torch.Tensor:
+        """Expert ids [T, K] from group-limited top-k on the biased scores (no grad)."""
+        biased = scores_TE.detach() + self.e_score_correction_bias
+        if self.n_group > 1 and self.topk_group < self.n_group:
+            grouped = biased.unflatten(-1, (self.n_group, -1))  # [T, G, E/G]
+            if self.scoring_func == "sigmoid":
+                group_scores = grouped.topk(2, dim=-1).values.sum(-1)
+            else:
+                group_scores = grouped.amax(-1)
+            keep = group_scores.topk(self.topk_group, dim=-1).indices  # [T, topk_group]
+            mask = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
+            biased = grouped.masked_fill(mask[..., None], float("-inf")).flatten(1)
+        return biased.topk(self.top_k, dim=-1).indices
+
+    def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (topk_ids [T, K], topk_weights [T, K] float32) for the flattened tokens."""
+        scores = self.scores(x_BSD.flatten(0, -2))
+        topk_ids = self.select(scores)
+        weights = scores.gather(1, topk_ids)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        weights = weights * self.routed_scaling_factor
+        counts = torch.bincount(topk_ids.flatten(), minlength=self.num_experts)
+        if self.training and torch.is_grad_enabled():
+            self.tokens_per_expert_sum += counts
+        self.last_stats = RouterStats(scores, topk_ids, counts, tuple(x_BSD.shape[:-1]))
+        return topk_ids, weights
+
+    @torch.no_grad()
+    def pop_tokens_per_expert(self) -> torch.Tensor:
+        """The counts accumulated since the last call (float32 [E]), resetting them to zero."""
+        counts = self.tokens_per_expert_sum.clone()
+        self.tokens_per_expert_sum.zero_()
+        return counts

@@ -1,0 +1,149 @@
+"""The DeepSeek-V3 transformer: pre-norm blocks of MLA and a dense or MoE MLP (SPEC.md §2).
+
+Module names are those of the released checkpoint (``model.layers.{i}.self_attn.q_a_proj`` ...,
+``lm_head``), so that the Hugging Face converter is a short adapter and FP8 conversion can select
+layers by name.
+
+    h = embed_tokens(ids)
+    for each layer:  h = h + self_attn(input_layernorm(h));  h = h + mlp(post_attention_layernorm(h))
+    logits = lm_head(norm(h))                        (embedding and head are not tied)
+
+Stage seam: ``embed``, ``run_layers(h, start, end)`` and ``head`` are the three pieces a pipeline
+strategy cuts the model into; ``forward`` is just their composition. ``forward`` returns a
+``CausalLMOutput`` whose ``hidden_states`` (last layer, before the final norm) feed prediction heads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dsv3_lightning.config import ModelConfig
+from dsv3_lightning.model.attention import MultiHeadLatentAttention
+from dsv3_lightning.model.moe import MLP, GroupedExperts, MoE
+from dsv3_lightning.model.norm import RMSNorm
+from dsv3_lightning.model.rope import RotaryEmbedding
+from dsv3_lightning.model.router import Router
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.self_attn = MultiHeadLatentAttention(config)
+        self.mlp = MoE(config) if config.is_moe_layer(layer_idx) else MLP(config.hidden_size, config.intermediate_size)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, h_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        h_BSD = h_BSD + self.self_attn(self.input_layernorm(h_BSD), cos, sin)
+        return h_BSD + self.mlp(self.post_attention_layernorm(h_BSD))
+
+
+class DeepSeekV3Model(nn.Module):
+    """Embedding, decoder layers and final norm (the checkpoint's ``model.*``)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config)
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor
+    """[B, S, vocab]."""
+    hidden_states: torch.Tensor
+    """Last layer's output before the final norm, [B, S, D]: the input of multi-token prediction."""
+
+
+class DeepSeekV3(nn.Module):
+    """DeepSeek-V3 causal language model; ``DeepSeekV3(config)(input_ids).logits`` is [B, S, vocab]."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = DeepSeekV3Model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ initialisation
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Normal(0, initializer_range) for every matrix, ones for norms, a zero selection bias."""
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=std)
+            elif isinstance(module, GroupedExperts):
+                nn.init.normal_(module.gate_up_proj, std=std)
+                nn.init.normal_(module.down_proj, std=std)
+            elif isinstance(module, Router):
+                nn.init.normal_(module.weight, std=std)
+                module.e_score_correction_bias.zero_()
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+
+    # ------------------------------------------------------------------ stage seam
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(input_ids)
+
+    def rotary(self, seq_len: int, device: torch.device, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        positions = torch.arange(offset, offset + seq_len, device=device)
+        return self.model.rotary_emb(positions)
+
+    def run_layers(self, h_BSD: torch.Tensor, start: int = 0, end: int | None = None) -> torch.Tensor:
+        cos, sin = self.rotary(h_BSD.shape[1], h_BSD.device)
+        for layer in self.model.layers[start:end]:
+            h_BSD = layer(h_BSD, cos, sin)
+        return h_BSD
+
+    def head(self, h_BSD: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.model.norm(h_BSD))
+
+    def forward(self, input_ids: torch.Tensor) -> CausalLMOutput:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape (batch, seq), got {tuple(input_ids.shape)}")
+        seq_len = input_ids.shape[1]
+        if seq_len > self.config.max_position_embeddings:
+            raise ValueError(
+                f"sequence length {seq_len} exceeds model.config.max_position_embeddings "
+                f"({self.config.max_position_embeddings}); shorten the input or raise max_position_embeddings"
+            )
+        hidden = self.run_layers(self.embed(input_ids))
+        return CausalLMOutput(logits=self.head(hidden), hidden_states=hidden)
+
+    # ------------------------------------------------------------------ introspection
+    def moe_layers(self) -> list[MoE]:
+        return [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, MoE)]
+
+    def routers(self) -> list[Router]:
+        return [moe.gate for moe in self.moe_layers()]
+
+    def num_parameters(self) -> tuple[int, int]:
+        """(total, activated per token): activated counts K of the N routed experts of each MoE layer."""
+        total = sum(p.numel() for p in self.parameters())
+        inactive = 0
+        for moe in self.moe_layers():
+            per_expert = (moe.experts.gate_up_proj.numel() + moe.experts.down_proj.numel()) // moe.experts.num_experts
+            inactive += (moe.experts.num_experts - moe.gate.top_k) * per_expert
+        return total, total - inactive
+
+    # ------------------------------------------------------------------ Hugging Face interop
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype | None = None) -> DeepSeekV3:
+        """Loads a Hugging Face DeepseekV3 directory (config.json + safetensors, one or many shards)."""
+        from dsv3_lightning.hf import load_pretrained
+
+        return load_pretrained(cls, path, dtype=dtype)
+
+    def save_pretrained(self, path: str | Path, *, max_shard_size: int = 5 * 2**30) -> None:
+        """Writes a directory that transformers' DeepseekV3ForCausalLM loads (per-expert keys)."""
+        from dsv3_lightning.hf import save_pretrained
+
+        save_pretrained(self, path, max_shard_size=max_shard_size)
