@@ -55,8 +55,13 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
+        self.config = config
         inv_freq, self.attention_factor = rope_inverse_frequencies(config)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def reset_buffers(self, device: torch.device) -> None:
+        """Recomputes ``inv_freq`` on ``device`` (a model materialised from the meta device has none)."""
+        self.inv_freq = rope_inverse_frequencies(self.config)[0].to(device)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         angles = positions.to(torch.float32)[..., None] * self.inv_freq.float()

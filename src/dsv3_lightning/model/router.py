@@ -71,6 +71,10 @@ class Router(nn.Module):
                 self._buffers[name] = old.to(device=new.device)
         return self
 
+    def reset_buffers(self, device: torch.device) -> None:
+        """Zeroes the step counts on ``device`` (the selection bias is state: loaded, never reset here)."""
+        self.tokens_per_expert_sum = torch.zeros_like(self.tokens_per_expert_sum, device=device)
+
     def scores(self, x_TD: torch.Tensor) -> torch.Tensor:
         logits = F.linear(x_TD.float(), self.weight.float())
         return logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(-1)

@@ -89,6 +89,17 @@ class DeepSeekV3(nn.Module):
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
 
+    def reset_buffers(self) -> None:
+        """Rebuilds the derived, non-persistent buffers (RoPE frequencies, router counts).
+
+        A model built on the meta device and filled from a checkpoint (``load_state_dict(assign=True)``)
+        needs this, since checkpoints hold only persistent state.
+        """
+        device = self.lm_head.weight.device
+        for module in self.modules():
+            if module is not self and hasattr(module, "reset_buffers"):
+                module.reset_buffers(device)
+
     # ------------------------------------------------------------------ stage seam
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(input_ids)
