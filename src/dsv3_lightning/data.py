@@ -643,3 +643,17 @@ class DSV3DataModule(L.LightningDataModule):
         log_probs = np.log((counts + 1.0) / (counts.sum() + self.vocab_size))
         targets = np.asarray(val.tokens[1 : len(val) * self.seq_len + 1], dtype=np.int64)
         return float(-log_probs[targets].mean())
+
+
+def windows_in_batch(batch: torch.Tensor) -> int:
+    """Windows in a batch: ``ThroughputMonitor(batch_size_fn=...)`` for samples/s."""
+    return batch.shape[0]
+
+
+def targets_in_batch(batch: torch.Tensor) -> int:
+    """Next-token targets in a batch (``ThroughputMonitor(length_fn=...)`` for tokens/s).
+
+    Counts ``window_len - 1`` per window, which is exactly the trained positions when
+    ``extra_tokens`` is 0 and overcounts by ``extra_tokens`` per window otherwise.
+    """
+    return batch.shape[0] * (batch.shape[1] - 1)

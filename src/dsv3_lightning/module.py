@@ -1,0 +1,233 @@
+"""DSV3LightningModule: the DeepSeek-V3 model trained on next-token prediction.
+
+    loss = CE(main head) + Σ heads' losses (MTP ...) + Σ registered loss terms (balance losses ...)
+
+The two extension points are seams, not flags: ``heads`` (``PredictionHead`` modules from YAML) add
+losses computed from the final hidden states, and callbacks add terms computed from anything the
+step left behind (router statistics) with ``register_loss_term``. Nothing here knows a plugin.
+
+Optimisation follows DeepSeek-V3 (SPEC.md §9): AdamW with β = (0.9, 0.95) and weight decay 0.1
+(not on norms and the embedding), a linear warm-up then cosine decay to ``min_lr_ratio`` of the peak,
+stepped every optimizer step. LightningCLI's ``optimizer:`` and ``lr_scheduler:`` keys replace both.
+Gradient clipping is the Trainer's ``gradient_clip_val`` (1.0 in the configs, as V3).
+
+Logged: ``train/loss`` (the total) and ``train/ce`` every step; ``val/loss``, ``val/ppl`` = exp(val/loss)
+and ``val/accuracy`` (top-1 next-token) per validation run, through torchmetrics so that they are
+exact over the whole split on any number of ranks; ``params/total`` and ``params/activated`` at start.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+import torchmetrics
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+
+from dsv3_lightning.config import ModelConfig
+from dsv3_lightning.heads import PredictionHead
+from dsv3_lightning.model import DeepSeekV3
+
+log = logging.getLogger(__name__)
+
+LossTerm = Callable[["DSV3LightningModule"], torch.Tensor]
+
+
+class DSV3LightningModule(L.LightningModule):
+    """Trains a ``DeepSeekV3`` on packed token windows ``[B, seq_len + 1 + extra_tokens]``.
+
+    Args:
+        config: The model's shape (``model.config.*`` in YAML; ``vocab_size`` is linked from the data).
+        heads: Extra prediction heads whose losses are added, e.g. multi-token prediction.
+        learning_rate: Peak learning rate of the default AdamW schedule.
+        min_lr_ratio: Final learning rate as a fraction of the peak (cosine decay ends there).
+        warmup_steps: Optimizer steps of linear warm-up from 0.
+        weight_decay: AdamW weight decay of matrices (norms and the embedding get none).
+        betas: AdamW betas; DeepSeek-V3 uses (0.9, 0.95).
+        init_from: A Hugging Face checkpoint directory whose weights initialise the model; its
+            config.json must describe the same shape as ``config``.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        heads: list[PredictionHead] | None = None,
+        *,
+        learning_rate: float = 3e-3,
+        min_lr_ratio: float = 0.1,
+        warmup_steps: int = 100,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.95),
+        init_from: str | None = None,
+    ) -> None:
+        super().__init__()
+        if learning_rate <= 0:
+            raise ValueError(f"model.learning_rate ({learning_rate}) must be positive")
+        if not 0 <= min_lr_ratio <= 1:
+            raise ValueError(f"model.min_lr_ratio ({min_lr_ratio}) must be in [0, 1]")
+        if warmup_steps < 0:
+            raise ValueError(f"model.warmup_steps ({warmup_steps}) must be >= 0")
+        self.save_hyperparameters(ignore=["heads"])
+        self.config = config
+        self.model = DeepSeekV3.from_pretrained(init_from) if init_from else DeepSeekV3(config)
+        if init_from and self.model.config != config:
+            raise ValueError(
+                f"model.init_from ({init_from}) holds a model of another shape than model.config; "
+                "copy its config.json values into model.config"
+            )
+        self.heads = nn.ModuleList(heads or [])
+        for head in self.heads:
+            head.attach(self.model)
+        self._loss_terms: dict[str, LossTerm] = {}
+        self.val_loss = torchmetrics.MeanMetric()
+        self.val_accuracy = torchmetrics.MeanMetric()
+        total, activated = self.model.num_parameters()
+        self.flops_per_token = 6 * (activated - self.model.model.embed_tokens.weight.numel())
+        """Training FLOPs per token, 6·N (activated, without the embedding lookup); attention excluded."""
+        self.flops_per_batch = 0
+
+    # ------------------------------------------------------------------ seams
+    @property
+    def extra_tokens(self) -> int:
+        """Tokens past ``seq_len + 1`` that the heads need in each window."""
+        return max((head.extra_tokens for head in self.heads), default=0)
+
+    def register_loss_term(self, name: str, term: LossTerm) -> None:
+        """Adds ``term(self)`` to every training step's loss, logged as ``train/{name}``.
+
+        Called by callbacks (balance losses) in ``setup``; the term runs right after the forward pass,
+        so it can read ``router.last_stats`` of that pass.
+        """
+        if name in self._loss_terms:
+            raise ValueError(f"a loss term named {name!r} is already registered")
+        self._loss_terms[name] = term
+
+    # ------------------------------------------------------------------ steps
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids).logits
+
+    def _split(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        seq_len = tokens.shape[1] - 1 - self.extra_tokens
+        if seq_len < 1:
+            raise ValueError(
+                f"batch windows of {tokens.shape[1]} tokens are too short for the heads, which need "
+                f"{self.extra_tokens} extra token(s): set data.extra_tokens to {self.extra_tokens}"
+            )
+        return tokens[:, :seq_len], tokens[:, 1 : seq_len + 1]
+
+    def training_step(self, tokens: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        inputs, targets = self._split(tokens)
+        out = self.model(inputs)
+        ce = F.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten())
+        loss = ce
+        logs = {"train/ce": ce.detach()}
+        for head in self.heads:
+            head_out = head(out.hidden_states, tokens, self.model, stage="train")
+            loss = loss + head_out.loss
+            logs.update({f"train/{k}": v.detach() for k, v in head_out.logs.items()})
+        for name, term in self._loss_terms.items():
+            value = term(self)
+            loss = loss + value
+            logs[f"train/{name}"] = value.detach()
+        self.flops_per_batch = self.flops_per_token * targets.numel()
+        self.log("train/loss", loss.detach(), prog_bar=True)
+        self.log_dict(logs)
+        return loss
+
+    def validation_step(self, tokens: torch.Tensor, batch_idx: int) -> None:
+        self._evaluate(tokens, "val")
+
+    def test_step(self, tokens: torch.Tensor, batch_idx: int) -> None:
+        self._evaluate(tokens, "test")
+
+    def _evaluate(self, tokens: torch.Tensor, stage: str) -> None:
+        inputs, targets = self._split(tokens)
+        out = self.model(inputs)
+        losses = F.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
+        self.val_loss.update(losses)
+        self.val_accuracy.update((out.logits.argmax(-1) == targets).float().flatten())
+        for head in self.heads:
+            head_out = head(out.hidden_states, tokens, self.model, stage=stage)
+            self.log_dict({f"{stage}/{k}": v for k, v in head_out.logs.items()}, sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval("test")
+
+    def _log_eval(self, stage: str) -> None:
+        loss = self.val_loss.compute()
+        self.log_dict(
+            {
+                f"{stage}/loss": loss,
+                f"{stage}/ppl": torch.exp(loss),
+                f"{stage}/accuracy": self.val_accuracy.compute(),
+            },
+            prog_bar=stage == "val",
+        )
+        self.val_loss.reset()
+        self.val_accuracy.reset()
+
+    def predict_step(self, tokens: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        """Greedy next-token ids for every position of the windows' inputs."""
+        inputs, _ = self._split(tokens)
+        return self.model(inputs).logits.argmax(-1)
+
+    # ------------------------------------------------------------------ hooks
+    def on_fit_start(self) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        vocab = getattr(datamodule, "vocab_size", None)
+        if vocab is not None and vocab > self.config.vocab_size:
+            raise ValueError(
+                f"the tokenizer has {vocab} tokens but model.config.vocab_size is {self.config.vocab_size}; "
+                f"set model.config.vocab_size to at least {vocab}"
+            )
+        extra = getattr(datamodule, "extra_tokens", None)
+        if extra is not None and extra < self.extra_tokens:
+            raise ValueError(
+                f"data.extra_tokens ({extra}) is too small for the prediction heads, which need "
+                f"{self.extra_tokens}: set data.extra_tokens to {self.extra_tokens}"
+            )
+        total, activated = self.model.num_parameters()
+        rank_zero_info(f"DeepSeek-V3 model: {total / 1e6:.2f}M parameters, {activated / 1e6:.2f}M activated per token")
+        for logger in self.loggers:
+            logger.log_metrics({"params/total": total, "params/activated": activated}, step=0)
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self):
+        hp = self.hparams
+        decay, no_decay = [], []
+        for name, param in self.named_parameters():
+            if not param.requires_grad:
+                continue
+            (no_decay if param.dim() < 2 or "embed_tokens" in name else decay).append(param)
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=hp.learning_rate,
+            betas=tuple(hp.betas),
+        )
+        total_steps = max(int(self.trainer.estimated_stepping_batches), 1)
+        schedule = warmup_cosine(hp.warmup_steps, total_steps, hp.min_lr_ratio)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float) -> Callable[[int], float]:
+    """Learning-rate multiplier: linear from 0 over ``warmup_steps``, then cosine to ``min_ratio``."""
+
+    def multiplier(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return multiplier
+
+
+__all__ = ["DSV3LightningModule", "warmup_cosine"]
