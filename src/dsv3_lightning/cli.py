@@ -13,6 +13,7 @@ and ``model.heads``. ``data.vocab_size`` is linked to ``model.config.vocab_size`
 from __future__ import annotations
 
 import logging
+import warnings
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -25,7 +26,7 @@ class DSV3CLI(LightningCLI):
         parser.link_arguments("data.vocab_size", "model.config.vocab_size")
 
     def before_instantiate_classes(self) -> None:
-        config = self.config.get(self.subcommand, self.config)
+        config = self.config[self.subcommand] if self.subcommand else self.config
         seq_len = config.data.seq_len
         max_positions = config.model.config.max_position_embeddings
         if seq_len > max_positions:
@@ -49,6 +50,9 @@ def _enable_logging() -> None:
 def main(args: list[str] | None = None) -> None:
     """The ``dsv3`` console script (returns nothing: a console script would print a return value)."""
     _enable_logging()
+    # Our training sampler resumes mid-epoch through the data module's checkpoint state, which
+    # Lightning's check for stateful dataloaders does not see.
+    warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
     DSV3CLI(
         DSV3LightningModule,
         DSV3DataModule,

@@ -39,8 +39,12 @@ length is not part of the key: changing ``seq_len`` or ``extra_tokens`` reuses t
 ``prepare_data`` does the one-time work (Lightning runs it on one process per node); ``setup`` maps
 the files, and builds them first if ``prepare_data`` was skipped.
 
-Not supported: streaming corpora larger than the disk, cross-document attention masking, per-epoch
-re-packing, and resuming the shuffle order mid-epoch.
+Training order: :class:`~dsv3_lightning.sampling.ResumableShuffleSampler` (a fresh permutation per
+epoch, a function of the seed and the epoch); the checkpointed state records how many batches of the
+epoch were consumed, so a resumed run continues with the next batch.
+
+Not supported: streaming corpora larger than the disk, cross-document attention masking and
+per-epoch re-packing.
 """
 
 from __future__ import annotations
@@ -66,6 +70,7 @@ from tokenizers import Tokenizer
 from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
+from dsv3_lightning.sampling import ResumableShuffleSampler
 from dsv3_lightning.tokenizer import (
     eos_token_id,
     load_tokenizer,
@@ -353,6 +358,7 @@ class DSV3DataModule(L.LightningDataModule):
         self._checkpoint_tokenizer: Tokenizer | None = None
         self._train: TokenWindows | None = None
         self._val: TokenWindows | None = None
+        self._resume_position: dict[str, int] | None = None
 
     # ----------------------------------------------------------------------------- properties
 
@@ -566,14 +572,33 @@ class DSV3DataModule(L.LightningDataModule):
 
     @override
     def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        sampler = ResumableShuffleSampler(
+            self.train_dataset,
+            num_replicas=trainer.world_size if trainer else 1,
+            rank=trainer.global_rank if trainer else 0,
+            seed=self.seed,
+            batch_size=self.batch_size,
+        )
+        position = self._resume_position
+        if position is not None:
+            if (position["batch_size"], position["world_size"]) == (self.batch_size, sampler.num_replicas):
+                sampler.resume_at(position["epoch"], position["batches_done"])
+            else:
+                logger.warning(
+                    "resuming with another data.batch_size or number of processes than the checkpoint "
+                    "(%d x %d): the current epoch restarts from its first batch",
+                    position["batch_size"],
+                    position["world_size"],
+                )
+            self._resume_position = None
         return DataLoader(
             self.train_dataset,
             batch_size=self.batch_size,
-            shuffle=True,
+            sampler=sampler,
             drop_last=True,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
-            generator=torch.Generator().manual_seed(self.seed),
         )
 
     @override
@@ -596,7 +621,17 @@ class DSV3DataModule(L.LightningDataModule):
     def state_dict(self) -> dict[str, Any]:
         if self._tokenizer is None:
             return {}
-        return {"tokenizer_json": self._tokenizer.to_str(), "vocab_size": self.vocab_size}
+        state: dict[str, Any] = {"tokenizer_json": self._tokenizer.to_str(), "vocab_size": self.vocab_size}
+        trainer = self.trainer
+        if trainer is not None and trainer.state.fn == "fit":
+            # ``processed`` counts the batch whose end hooks are saving this checkpoint.
+            state["position"] = {
+                "epoch": trainer.current_epoch,
+                "batches_done": trainer.fit_loop.epoch_loop.batch_progress.current.processed,
+                "batch_size": self.batch_size,
+                "world_size": trainer.world_size,
+            }
+        return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -605,6 +640,7 @@ class DSV3DataModule(L.LightningDataModule):
         Lightning restores a datamodule after ``setup``; a run resumed with another tokenizer would
         otherwise feed token ids the checkpointed model never saw.
         """
+        self._resume_position = state_dict.get("position")
         if "tokenizer_json" not in state_dict:
             return
         tokenizer = tokenizer_from_str(state_dict["tokenizer_json"], source="the checkpoint's tokenizer")

@@ -1,0 +1,34 @@
+"""Every YAML file in configs/ parses with the real `dsv3` parser and gives a valid ModelConfig."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dsv3_lightning import ModelConfig
+from dsv3_lightning.cli import DSV3CLI
+from dsv3_lightning.data import DSV3DataModule
+from dsv3_lightning.module import DSV3LightningModule
+
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").rglob("*.yaml"))
+
+
+class ParseOnly(DSV3CLI):
+    """Parses and checks (before_instantiate_classes) without building a 671B model."""
+
+    def instantiate_classes(self) -> None:
+        pass
+
+
+def test_there_are_configs():
+    assert {"tiny.yaml", "small.yaml", "16B.yaml", "671B.yaml"} <= {c.name for c in CONFIGS}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_config_parses(path, monkeypatch):
+    monkeypatch.setattr("sys.argv", ["dsv3"])
+    cli = ParseOnly(DSV3LightningModule, DSV3DataModule, args=["--config", str(path)], run=False)
+    model = cli.config.model
+    config = ModelConfig(**model.config.as_dict())  # runs the same validation as training would
+    assert config.vocab_size == cli.config.data.vocab_size  # linked
