@@ -615,6 +615,10 @@ class DSV3DataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()
 
+    @override
+    def predict_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
     # --------------------------------------------------------------------------- checkpoints
 
     @override

@@ -107,6 +107,9 @@ class DSV3LightningModule(L.LightningModule):
             raise ValueError(f"a loss term named {name!r} is already registered")
         self._loss_terms[name] = term
 
+    def remove_loss_term(self, name: str) -> None:
+        self._loss_terms.pop(name, None)
+
     # ------------------------------------------------------------------ steps
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids).logits

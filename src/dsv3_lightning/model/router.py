@@ -31,6 +31,16 @@ from torch import nn
 from dsv3_lightning.config import ModelConfig
 
 
+def _recomputing() -> bool:
+    """True while autograd's engine runs a forward again (activation checkpointing's recomputation).
+
+    Routing is counted in the original forward only, so that checkpointed layers (reentrant or not)
+    count each token once. torch exposes no public query for this; the engine's current graph-task
+    id is -1 outside backward.
+    """
+    return torch._C._current_graph_task_id() != -1
+
+
 @dataclass
 class RouterStats:
     """What one forward of one router decided, for balance losses and load metrics."""
@@ -102,7 +112,7 @@ class Router(nn.Module):
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
         weights = weights * self.routed_scaling_factor
         counts = torch.bincount(topk_ids.flatten(), minlength=self.num_experts)
-        if self.training and torch.is_grad_enabled():
+        if self.training and not _recomputing():
             self.tokens_per_expert_sum += counts
         self.last_stats = RouterStats(scores, topk_ids, counts, tuple(x_BSD.shape[:-1]))
         return topk_ids, weights
