@@ -126,6 +126,10 @@ def test_fit_logs_checkpoints_and_resumes_exactly(tmp_path, corpus):
     assert a["global_step"] == b["global_step"] == 6
     for name, tensor in a["state_dict"].items():
         torch.testing.assert_close(b["state_dict"][name], tensor, rtol=1e-6, atol=1e-7, msg=name)
+    # tiny.yaml balances with the selection bias: the resumed run carried it on, not from zero.
+    biases = [t for n, t in b["state_dict"].items() if n.endswith("e_score_correction_bias")]
+    assert biases and all(t.abs().sum() > 0 for t in biases)
+    assert "train/seq_balance_loss" in rows[0] and "train/max_vio" in rows[0]
 
 
 def test_validate_from_checkpoint(tmp_path, corpus):
