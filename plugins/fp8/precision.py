@@ -1,0 +1,146 @@
+"""FP8Precision: a Lightning Precision plugin that runs the model's linear GEMMs in FP8.
+
+``convert_module`` swaps, by name, every eligible layer for its FP8 twin that shares the same
+Parameter (so optimizers, checkpoints and the Hugging Face converter see no difference):
+
+- converted: attention projections (q_a_proj, q_b_proj or q_proj, kv_a_proj_with_mqa, kv_b_proj,
+  o_proj), dense and shared-expert MLPs (gate_proj, up_proj, down_proj), every other ``nn.Linear``
+  (e.g. MTP's eh_proj), and the routed experts through the grouped-matmul seam;
+- never converted (SPEC.md §6.1): the embedding and the output head ``lm_head`` (not linear layers
+  here / excluded by name), the router (``mlp.gate``, its own module), the norms and the attention
+  core (SDPA), plus any name matching ``exclude``.
+
+Dimensions that are not a multiple of 128 (blockwise) are zero-padded inside the quantizers
+(``unaligned: pad``, exact: zeros add nothing) or left in float32 with a warning (``unaligned: skip``).
+The rest of the model keeps the Trainer's precision (float32 on CPU); ``FP8Precision`` replaces a
+``precision=`` setting, like Lightning's own TransformerEnginePrecision.
+
+Backends: ``torch`` (portable emulation with real float8 tensors, CPU or GPU), ``scaled_mm``
+(``torch._scaled_mm``; rowwise and tensorwise), ``triton`` (block-scaled kernels, CUDA) and ``auto``,
+which takes ``triton`` for blockwise on CUDA, ``scaled_mm`` for the others on CUDA, else ``torch``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import os
+
+import torch
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import nn
+
+from dsv3_lightning.model.moe import GroupedExperts
+from dsv3_lightning.plugins.fp8.experts import FP8GroupedExperts
+from dsv3_lightning.plugins.fp8.linear import FP8Linear
+from dsv3_lightning.plugins.fp8.recipes import FP8Recipe
+
+log = logging.getLogger(__name__)
+_KEY = "trainer.plugins[FP8Precision]"
+BACKENDS = ("auto", "torch", "scaled_mm", "triton")
+NEVER_CONVERTED = ("lm_head", "*.lm_head", "*embed_tokens*", "*.mlp.gate")
+
+
+class FP8Precision(Precision):
+    """Runs every eligible linear layer's three GEMMs in FP8 E4M3 (see the module docstring).
+
+    Args:
+        recipe: ``blockwise`` (DeepSeek-V3: 1x128 activation tiles, 128x128 weight blocks),
+            ``rowwise`` or ``tensorwise``.
+        backend: ``auto``, ``torch``, ``scaled_mm`` or ``triton``.
+        pow2_scales: Round every scale up to a power of two.
+        unaligned: ``pad`` or ``skip`` layers whose dimensions are not multiples of 128 (blockwise).
+        exclude: Extra module-name patterns (fnmatch) to keep in high precision.
+    """
+
+    def __init__(
+        self,
+        recipe: str = "blockwise",
+        *,
+        backend: str = "auto",
+        pow2_scales: bool = False,
+        unaligned: str = "pad",
+        exclude: list[str] | None = None,
+    ) -> None:
+        self.recipe = FP8Recipe(recipe, pow2_scales=pow2_scales)
+        if unaligned not in ("pad", "skip"):
+            raise ValueError(f"{_KEY}.unaligned ({unaligned!r}) must be 'pad' or 'skip'")
+        self.backend = resolve_backend(backend, self.recipe)
+        self.unaligned = unaligned
+        self.exclude = tuple(exclude or ())
+        self.converted: list[str] = []
+        self.skipped: list[str] = []
+
+    def _aligned(self, *dims: int) -> bool:
+        return self.recipe.name != "blockwise" or all(d % self.recipe.block == 0 for d in dims)
+
+    def convert_module(self, module: nn.Module) -> nn.Module:
+        self.converted, self.skipped = [], []
+        replacements: list[tuple[str, nn.Module]] = []
+        for name, child in module.named_modules():
+            if isinstance(child, (FP8Linear, FP8GroupedExperts)):
+                continue
+            if isinstance(child, nn.Linear):
+                dims = (child.in_features, child.out_features)
+                factory = lambda c=child: FP8Linear.from_linear(c, self.recipe, self.backend)  # noqa: E731
+            elif isinstance(child, GroupedExperts):
+                dims = tuple(child.gate_up_proj.shape[1:]) + tuple(child.down_proj.shape[1:])
+                factory = lambda c=child: FP8GroupedExperts.from_experts(c, self.recipe, self.backend)  # noqa: E731
+            else:
+                continue
+            if any(fnmatch.fnmatch(name, p) for p in NEVER_CONVERTED + self.exclude):
+                self.skipped.append(name)
+            elif not self._aligned(*dims) and self.unaligned == "skip":
+                rank_zero_warn(f"FP8Precision: {name} has dimensions {dims}, not multiples of 128: kept in high precision")
+                self.skipped.append(name)
+            else:
+                replacements.append((name, factory()))
+        if not replacements:
+            raise ValueError(
+                f"{_KEY}: the model has no linear layer to convert to FP8 (skipped: {self.skipped or 'none'}); "
+                "remove the plugin or relax its exclude patterns"
+            )
+        for name, new in replacements:
+            parent_name, _, attr = name.rpartition(".")
+            setattr(module.get_submodule(parent_name) if parent_name else module, attr, new)
+            self.converted.append(name)
+        total = len(self.converted) + len(self.skipped)
+        rank_zero_info(
+            f"FP8Precision ({self.recipe.name}, backend {self.backend}): converted {len(self.converted)}/{total} "
+            f"linear layers, skipped {len(self.skipped)}: {', '.join(self.skipped) or 'none'}"
+        )
+        log.debug("FP8Precision converted: %s", ", ".join(self.converted))
+        return module
+
+
+def resolve_backend(backend: str, recipe: FP8Recipe) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"{_KEY}.backend ({backend!r}) must be one of {', '.join(BACKENDS)}")
+    cuda = torch.cuda.is_available()
+    if backend == "auto":
+        if not cuda:
+            return "torch"
+        return "triton" if recipe.name == "blockwise" and _triton_available() else (
+            "scaled_mm" if recipe.name != "blockwise" else "torch"
+        )
+    if backend == "triton" and not (cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        raise ValueError(
+            f"{_KEY}.backend 'triton' needs a CUDA GPU (or TRITON_INTERPRET=1 for a slow CPU check); "
+            "use backend: torch (or auto) on CPU"
+        )
+    if backend == "triton" and not _triton_available():
+        raise ValueError(f"{_KEY}.backend 'triton' needs the triton package: pip install triton")
+    if backend == "triton" and recipe.name != "blockwise":
+        raise ValueError(f"{_KEY}.backend 'triton' implements the blockwise recipe; use scaled_mm or torch for {recipe.name}")
+    if backend == "scaled_mm" and recipe.name == "blockwise":
+        raise ValueError(f"{_KEY}.backend 'scaled_mm' takes one scale per row; use triton or torch for blockwise")
+    return backend
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
