@@ -28,8 +28,8 @@ class _FP8LinearFunction(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, recipe: FP8Recipe, backend: str) -> torch.Tensor:
         lead, K = x.shape[:-1], x.shape[-1]
         x_MK = x.reshape(-1, K)
-        xq = recipe.activation(x_MK)
-        y_MN = scaled_matmul(xq, recipe.weight(weight), backend)
+        xq = recipe.activation(x_MK, backend)
+        y_MN = scaled_matmul(xq, recipe.weight(weight, backend), backend)
         ctx.save_for_backward(xq.q, xq.s, weight)
         ctx.block, ctx.recipe, ctx.backend, ctx.in_dtype = xq.block, recipe, backend, x.dtype
         return y_MN.reshape(*lead, weight.shape[0]).to(x.dtype)
@@ -42,11 +42,13 @@ class _FP8LinearFunction(torch.autograd.Function):
         dy_MN = dy.reshape(-1, N)
         dx = dw = None
         if ctx.needs_input_grad[0]:
-            dx_MK = scaled_matmul(recipe.activation(dy_MN), recipe.weight(weight.T), backend)
+            dx_MK = scaled_matmul(recipe.activation(dy_MN, backend), recipe.weight(weight.T, backend), backend)
             dx = dx_MK.reshape(*dy.shape[:-1], K).to(ctx.in_dtype)
         if ctx.needs_input_grad[1]:
             x_MK = Quantized(q, s, ctx.block).dequantize()[:, :K]
-            dw = scaled_matmul(recipe.activation(dy_MN.T), recipe.activation(x_MK.T), backend).to(weight.dtype)
+            dw = scaled_matmul(
+                recipe.activation(dy_MN.T, backend), recipe.activation(x_MK.T, backend), backend
+            ).to(weight.dtype)
         return dx, dw, None, None
 
 

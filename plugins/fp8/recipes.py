@@ -34,15 +34,23 @@ class FP8Recipe:
                 f"trainer.plugins[FP8Precision].recipe ({self.name!r}) is not a recipe; choose one of {', '.join(RECIPES)}"
             )
 
-    def activation(self, x_RK: torch.Tensor) -> Quantized:
+    def activation(self, x_RK: torch.Tensor, backend: str = "torch") -> Quantized:
         """An operand whose rows are tokens (or, in Wgrad, channels over tokens)."""
+        if self.name == "blockwise" and backend == "triton":
+            from dsv3_lightning.plugins.fp8.triton_kernels import act_quant
+
+            return act_quant(x_RK, self.block, pow2=self.pow2_scales)
         if self.name == "blockwise":
             return quantize_tiles(x_RK, self.block, pow2=self.pow2_scales)
         if self.name == "rowwise":
             return quantize_rows(x_RK, pow2=self.pow2_scales)
         return quantize_tensor(x_RK, pow2=self.pow2_scales)
 
-    def weight(self, w_RK: torch.Tensor) -> Quantized:
+    def weight(self, w_RK: torch.Tensor, backend: str = "torch") -> Quantized:
+        if self.name == "blockwise" and backend == "triton":
+            from dsv3_lightning.plugins.fp8.triton_kernels import weight_quant
+
+            return weight_quant(w_RK, self.block, pow2=self.pow2_scales)
         if self.name == "blockwise":
             return quantize_blocks(w_RK, self.block, pow2=self.pow2_scales)
         if self.name == "rowwise":
