@@ -6,22 +6,28 @@
 - ``FP8GroupedExperts`` (``experts.py``): the routed experts through the grouped-matmul seam.
 - ``AdamWBF16`` (``optim.py``): AdamW with bfloat16 moments and float32 master weights.
 - ``triton_kernels.py``: GPU kernels (tile and block quantization, block-scaled GEMM).
+- ``checkpoint.py``: DeepSeek's FP8 checkpoint format (``weight_scale_inv``), both directions.
 """
 
+from dsv3_lightning.plugins.fp8.checkpoint import dequantize_checkpoint, quantize_checkpoint
 from dsv3_lightning.plugins.fp8.experts import FP8GroupedExperts
 from dsv3_lightning.plugins.fp8.linear import FP8Linear, fp8_linear, saved_bytes
+from dsv3_lightning.plugins.fp8.optim import AdamWBF16
 from dsv3_lightning.plugins.fp8.precision import FP8Precision
 from dsv3_lightning.plugins.fp8.quant import Quantized, quantize_blocks, quantize_rows, quantize_tensor, quantize_tiles
 from dsv3_lightning.plugins.fp8.recipes import FP8Recipe
 
 __all__ = [
+    "AdamWBF16",
     "FP8GroupedExperts",
     "FP8Linear",
     "FP8Precision",
     "FP8Recipe",
     "Quantized",
+    "dequantize_checkpoint",
     "fp8_linear",
     "quantize_blocks",
+    "quantize_checkpoint",
     "quantize_rows",
     "quantize_tensor",
     "quantize_tiles",

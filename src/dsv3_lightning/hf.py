@@ -75,7 +75,7 @@ def config_from_hf(hf: Mapping[str, Any], *, source: str = CONFIG_NAME) -> Model
     if hf.get("quantization_config"):
         raise ValueError(
             f"{source}: the checkpoint is quantized ({hf['quantization_config'].get('quant_method')!r}); "
-            "dequantize it to bfloat16 or float32 first (DeepSeek's fp8_cast_bf16.py)"
+            "dequantize it first: python -m dsv3_lightning.plugins.fp8.checkpoint dequantize SRC DST"
         )
 
     fields = {name for name in ModelConfig.__dataclass_fields__}

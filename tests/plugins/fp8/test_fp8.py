@@ -224,3 +224,81 @@ def test_gpu_backend_on_cpu_is_refused(monkeypatch):
 def test_nothing_to_convert_is_an_error():
     with pytest.raises(ValueError, match="no linear layer to convert"):
         FP8Precision(exclude=["*"]).convert_module(make_module())
+
+
+def test_saved_activation_report_matches_what_autograd_keeps():
+    module = make_module()
+    plugin = FP8Precision()
+    plugin.convert_module(module)
+    layer = module.model.model.layers[0].self_attn
+    (name, fp8, fp32), = [row for row in plugin.saved_activation_report(10) if row[0].endswith("layers.0.self_attn.o_proj")]
+    assert fp32 == 4 * 10 * 64 and fp8 == 10 * 128 + 10 * 4  # 64 inputs padded to one 128-wide tile
+    saved = []
+    x = torch.randn(10, 64)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        layer.o_proj(x)
+    activation_bytes = sum(t.numel() * t.element_size() for t in saved if t is not layer.o_proj.weight)
+    assert activation_bytes == fp8
+
+
+def test_adamw_bf16_tracks_float32_adamw_and_halves_the_state():
+    from dsv3_lightning.plugins.fp8 import AdamWBF16
+
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(64, 64))
+    b = torch.nn.Parameter(a.detach().clone())
+    ours = AdamWBF16([a], lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+    ref = torch.optim.AdamW([b], lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+    for step in range(20):
+        grad = torch.randn(64, 64)
+        a.grad, b.grad = grad.clone(), grad.clone()
+        ours.step()
+        ref.step()
+    assert ((a - b).norm() / (b - 0).norm()) < 1e-2  # bf16 moments: close, not identical
+    assert a.dtype == torch.float32
+    assert ours.state_bytes() == 2 * 64 * 64 * 2  # two bf16 moments: 4 bytes per parameter, AdamW 8
+    with pytest.raises(ValueError, match=r"lr \(-1\)"):
+        AdamWBF16([a], lr=-1)
+
+
+def test_deepseek_fp8_checkpoint_round_trip(tmp_path):
+    import json
+
+    from dsv3_lightning import DeepSeekV3
+    from dsv3_lightning.plugins.fp8 import dequantize_checkpoint, quantize_checkpoint
+    from safetensors import safe_open
+
+    model = DeepSeekV3(preset("tiny", **{**SHAPE, "hidden_size": 200}))  # 200: edge blocks are cropped
+    model.save_pretrained(tmp_path / "plain", max_shard_size=300_000)
+    quantize_checkpoint(tmp_path / "plain", tmp_path / "fp8")
+    config = json.loads((tmp_path / "fp8" / "config.json").read_text())
+    assert config["quantization_config"]["weight_block_size"] == [128, 128]
+    index = json.loads((tmp_path / "fp8" / "model.safetensors.index.json").read_text())["weight_map"]
+    key = "model.layers.1.self_attn.q_a_proj.weight"
+    with safe_open(str(tmp_path / "fp8" / index[key]), framework="pt") as f:
+        assert f.get_tensor(key).dtype == torch.float8_e4m3fn
+        assert tuple(f.get_tensor(key + "_scale_inv").shape) == (1, 2)  # [ceil(128/128), ceil(200/128)]
+    with pytest.raises(ValueError, match="quantized.*dequantize it first"):
+        DeepSeekV3.from_pretrained(tmp_path / "fp8")
+    dequantize_checkpoint(tmp_path / "fp8", tmp_path / "back", dtype=torch.float32)
+    DeepSeekV3.from_pretrained(tmp_path / "back")  # loads as a plain checkpoint
+    plain, back = read_all(tmp_path / "plain"), read_all(tmp_path / "back")
+    assert plain.keys() == back.keys()
+    quantized = 0
+    for key, ref in plain.items():
+        if key.startswith("model.layers.") and ref.dim() == 2 and "mlp.gate." not in key:
+            scale = quantize_blocks(ref).s.repeat_interleave(128, 1)[:, : ref.shape[1]]
+            assert ((back[key] - ref).abs() <= e4m3_error_bound(ref, scale)).all(), key
+            quantized += 1
+        else:
+            assert torch.equal(back[key], ref), key
+    assert quantized > 20
+
+
+def read_all(path):
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for shard in sorted(path.glob("*.safetensors")):
+        tensors.update(load_file(shard))
+    return tensors

@@ -1,0 +1,139 @@
+"""DeepSeek's FP8 checkpoint format: weights in E4M3 with a ``weight_scale_inv`` per 128x128 block.
+
+The released DeepSeek-V3 weights store each quantized linear weight W [out, in] as
+``<name>.weight`` (float8_e4m3fn) and ``<name>.weight_scale_inv`` (float32, [⌈out/128⌉, ⌈in/128⌉]),
+with real = fp8 · scale_inv block by block (edge blocks cropped), and declare
+``quantization_config: {quant_method: fp8, weight_block_size: [128, 128], ...}`` in config.json.
+
+``dequantize_checkpoint(src, dst)`` writes a plain Hugging Face directory (bfloat16 or float32
+weights, no scale tensors, no quantization_config) that ``DeepSeekV3.from_pretrained`` loads, shard
+by shard. ``quantize_checkpoint(src, dst)`` writes the FP8 format from a plain directory (our own
+round trip, and FP8 deployment of a model trained here). As a command:
+
+    python -m dsv3_lightning.plugins.fp8.checkpoint dequantize SRC DST [--dtype bfloat16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from dsv3_lightning.plugins.fp8.quant import block_scales, quantize_blocks
+
+SCALE_SUFFIX = "_scale_inv"
+QUANTIZATION_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]}
+
+
+def dequantize_weight(weight: torch.Tensor, scale_inv: torch.Tensor, block: int = 128) -> torch.Tensor:
+    """float32 W from its FP8 values and per-block dequantization multipliers."""
+    rows, cols = weight.shape
+    scale = scale_inv.float().repeat_interleave(block, 0)[:rows].repeat_interleave(block, 1)[:, :cols]
+    return weight.float() * scale
+
+
+def _shards(path: Path) -> list[str]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    return ["model.safetensors"]
+
+
+def _convert(src: Path, dst: Path, convert, edit_config) -> None:
+    dst.mkdir(parents=True, exist_ok=True)
+    weight_map, total = {}, 0
+    for shard in _shards(src):  # one shard in memory at a time
+        with safe_open(str(src / shard), framework="pt") as f:
+            tensors = convert({key: f.get_tensor(key) for key in f.keys()})
+        save_file(tensors, str(dst / shard), metadata={"format": "pt"})
+        weight_map.update({key: shard for key in tensors})
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+    if (src / "model.safetensors.index.json").is_file():
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
+    config = json.loads((src / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps(edit_config(config), indent=2))
+    for extra in src.iterdir():  # tokenizer files and the like
+        if extra.is_file() and extra.suffix not in (".safetensors",) and extra.name not in (
+            "config.json", "model.safetensors.index.json"
+        ):
+            shutil.copy(extra, dst / extra.name)
+
+
+def dequantize_checkpoint(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.bfloat16) -> None:
+    """Writes ``dst``: every FP8 weight of ``src`` times its block scales, in ``dtype``."""
+    src, dst = Path(src), Path(dst)
+
+    def convert(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = {}
+        for key, tensor in tensors.items():
+            if key.endswith(SCALE_SUFFIX):
+                continue
+            scale = tensors.get(key + SCALE_SUFFIX)
+            if tensor.dtype == torch.float8_e4m3fn:
+                if scale is None:
+                    raise ValueError(f"{src}: {key} is FP8 but {key + SCALE_SUFFIX} is missing (in the same shard)")
+                tensor = dequantize_weight(tensor, scale)
+            out[key] = tensor.to(dtype) if tensor.is_floating_point() and not key.endswith("e_score_correction_bias") else tensor
+        return out
+
+    def edit(config: dict) -> dict:
+        config.pop("quantization_config", None)
+        config["dtype"] = str(dtype).removeprefix("torch.")
+        return config
+
+    _convert(src, dst, convert, edit)
+
+
+def quantize_checkpoint(src: str | Path, dst: str | Path, *, pattern: str = "model.layers.") -> None:
+    """Writes ``dst`` in DeepSeek's FP8 format: 2-D linear weights of the layers in 128x128 blocks.
+
+    Like the release: the embedding, ``lm_head``, norms, routers (``mlp.gate``) and biases stay as they are.
+    """
+    src, dst = Path(src), Path(dst)
+
+    def eligible(key: str, tensor: torch.Tensor) -> bool:
+        return (
+            key.startswith(pattern) and key.endswith(".weight") and tensor.dim() == 2
+            and not key.endswith("mlp.gate.weight") and "norm" not in key
+        )
+
+    def convert(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = {}
+        for key, tensor in tensors.items():
+            if eligible(key, tensor):
+                q = quantize_blocks(tensor.float())
+                out[key] = q.q[:, : tensor.shape[1]].contiguous()
+                out[key + SCALE_SUFFIX] = block_scales(q).contiguous()
+            else:
+                out[key] = tensor
+        return out
+
+    def edit(config: dict) -> dict:
+        config["quantization_config"] = dict(QUANTIZATION_CONFIG)
+        return config
+
+    _convert(src, dst, convert, edit)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m dsv3_lightning.plugins.fp8.checkpoint", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("action", choices=["dequantize", "quantize"])
+    parser.add_argument("src", type=Path)
+    parser.add_argument("dst", type=Path)
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    args = parser.parse_args(argv)
+    if args.action == "dequantize":
+        dequantize_checkpoint(args.src, args.dst, getattr(torch, args.dtype))
+    else:
+        quantize_checkpoint(args.src, args.dst)
+
+
+if __name__ == "__main__":
+    main()
