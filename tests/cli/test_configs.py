@@ -11,7 +11,8 @@ from dsv3_lightning.cli import DSV3CLI
 from dsv3_lightning.data import DSV3DataModule
 from dsv3_lightning.module import DSV3LightningModule
 
-CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").rglob("*.yaml"))
+ROOT = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS = sorted(ROOT.rglob("*.yaml"))
 
 
 class ParseOnly(DSV3CLI):
@@ -25,10 +26,12 @@ def test_there_are_configs():
     assert {"tiny.yaml", "small.yaml", "16B.yaml", "671B.yaml"} <= {c.name for c in CONFIGS}
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_config_parses(path, monkeypatch):
+    """Files under configs/ablations/ are overrides: they are parsed on top of tiny.yaml, as documented."""
     monkeypatch.setattr("sys.argv", ["dsv3"])
-    cli = ParseOnly(DSV3LightningModule, DSV3DataModule, args=["--config", str(path)], run=False)
+    base = ["--config", str(ROOT / "tiny.yaml")] if "ablations" in path.parts else []
+    cli = ParseOnly(DSV3LightningModule, DSV3DataModule, args=[*base, "--config", str(path)], run=False)
     model = cli.config.model
     config = ModelConfig(**model.config.as_dict())  # runs the same validation as training would
     assert config.vocab_size == cli.config.data.vocab_size  # linked
