@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import csv
+import math
+import shutil
 import statistics
 import subprocess
 import sys
@@ -26,9 +28,13 @@ ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("none", "aux_loss", "bias", "bias_seq")
 
 
-def run(variant: str, seed: int, max_steps: int, out: Path) -> dict[str, float]:
+def run(variant: str, seed: int, max_steps: int, out: Path, skip_existing: bool) -> dict[str, float]:
     version = f"seed{seed}"
     metrics = out / f"balancing_{variant}" / version / "metrics.csv"
+    if skip_existing and metrics.is_file() and finished(metrics, max_steps):
+        return summarize(metrics, seconds=float("nan"))
+    if metrics.parent.exists():
+        shutil.rmtree(metrics.parent)  # an unfinished run of an earlier sweep
     start = time.perf_counter()
     subprocess.run(
         [
@@ -46,7 +52,15 @@ def run(variant: str, seed: int, max_steps: int, out: Path) -> dict[str, float]:
         check=True,
         stdout=subprocess.DEVNULL,
     )
-    seconds = time.perf_counter() - start
+    return summarize(metrics, seconds=time.perf_counter() - start)
+
+
+def finished(metrics: Path, max_steps: int) -> bool:
+    rows = list(csv.DictReader(open(metrics)))
+    return any(r.get("val/loss") and int(r["step"]) == max_steps - 1 for r in rows)
+
+
+def summarize(metrics: Path, seconds: float) -> dict[str, float]:
     rows = list(csv.DictReader(open(metrics)))
     val = [(int(r["step"]), float(r["val/loss"]), float(r["val/max_vio"])) for r in rows if r.get("val/loss")]
     train_vio = [float(r["train/max_vio"]) for r in rows if r.get("train/max_vio")]
@@ -60,6 +74,9 @@ def run(variant: str, seed: int, max_steps: int, out: Path) -> dict[str, float]:
 
 
 def mean_std(values: list[float], digits: int) -> str:
+    values = [v for v in values if not math.isnan(v)]  # wall time is unknown for reused runs
+    if not values:
+        return "-"
     if len(values) == 1:
         return f"{values[0]:.{digits}f}"
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
@@ -71,12 +88,13 @@ def main() -> None:
     parser.add_argument("--max_steps", type=int, default=400)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "ablations")
+    parser.add_argument("--skip_existing", action="store_true", help="reuse finished runs of an earlier sweep")
     args = parser.parse_args()
 
     results: dict[str, list[dict[str, float]]] = {}
     for variant in args.variants:
         for seed in args.seeds:
-            result = run(variant, seed, args.max_steps, args.out)
+            result = run(variant, seed, args.max_steps, args.out, args.skip_existing)
             results.setdefault(variant, []).append(result)
             print(f"{variant:9s} seed {seed}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()), flush=True)
 
