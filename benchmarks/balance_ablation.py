@@ -102,7 +102,7 @@ def main() -> None:
     print("| balancing | val loss | MaxVio_global (val) | MaxVio_batch (last 100 steps) | s/run |")
     print("|---|---|---|---|---|")
     for variant, runs in results.items():
-        col = lambda key, d: mean_std([r[key] for r in runs], d)  # noqa: E731
+        col = lambda key, d: mean_std([r[key] for r in runs], d)
         print(f"| {variant} | {col('val_loss', 4)} | {col('max_vio_global', 3)} | {col('max_vio_batch', 3)} "
               f"| {col('seconds', 0)} |")
 

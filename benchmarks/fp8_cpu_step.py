@@ -17,10 +17,10 @@ import statistics
 import time
 
 import torch
+from dsv3_lightning.plugins.fp8 import FP8Precision
 
 from dsv3_lightning import preset
 from dsv3_lightning.module import DSV3LightningModule
-from dsv3_lightning.plugins.fp8 import FP8Precision
 
 
 def main() -> None:

@@ -56,12 +56,11 @@ def main() -> None:
     args = parser.parse_args()
     use_source_tree()
     import triton
-    from triton.testing import do_bench
-
     from dsv3_lightning.plugins.fp8 import FP8Recipe, fp8_linear
     from dsv3_lightning.plugins.fp8.gemm import scaled_matmul_scaled_mm
     from dsv3_lightning.plugins.fp8.quant import quantize_blocks, quantize_rows, quantize_tiles
     from dsv3_lightning.plugins.fp8.triton_kernels import act_quant, blockwise_matmul_triton, weight_quant
+    from triton.testing import do_bench
 
     dev = torch.device("cuda")
     name = torch.cuda.get_device_name()

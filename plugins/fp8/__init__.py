@@ -14,7 +14,13 @@ from dsv3_lightning.plugins.fp8.experts import FP8GroupedExperts
 from dsv3_lightning.plugins.fp8.linear import FP8Linear, fp8_linear, saved_bytes
 from dsv3_lightning.plugins.fp8.optim import AdamWBF16
 from dsv3_lightning.plugins.fp8.precision import FP8Precision
-from dsv3_lightning.plugins.fp8.quant import Quantized, quantize_blocks, quantize_rows, quantize_tensor, quantize_tiles
+from dsv3_lightning.plugins.fp8.quant import (
+    Quantized,
+    quantize_blocks,
+    quantize_rows,
+    quantize_tensor,
+    quantize_tiles,
+)
 from dsv3_lightning.plugins.fp8.recipes import FP8Recipe
 
 __all__ = [

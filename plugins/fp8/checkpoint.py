@@ -21,10 +21,9 @@ import shutil
 from pathlib import Path
 
 import torch
+from dsv3_lightning.plugins.fp8.quant import block_scales, quantize_blocks
 from safetensors import safe_open
 from safetensors.torch import save_file
-
-from dsv3_lightning.plugins.fp8.quant import block_scales, quantize_blocks
 
 SCALE_SUFFIX = "_scale_inv"
 QUANTIZATION_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]}

@@ -8,10 +8,10 @@ stacked weights stay the same Parameters, so checkpoints do not change.
 from __future__ import annotations
 
 import torch
-
-from dsv3_lightning.model.moe import GroupedExperts
 from dsv3_lightning.plugins.fp8.linear import fp8_linear
 from dsv3_lightning.plugins.fp8.recipes import FP8Recipe
+
+from dsv3_lightning.model.moe import GroupedExperts
 
 
 class FP8GroupedExperts(GroupedExperts):

@@ -19,7 +19,6 @@ Backends:
 from __future__ import annotations
 
 import torch
-
 from dsv3_lightning.plugins.fp8.quant import Quantized
 
 

@@ -16,11 +16,10 @@ is the function itself, used by the grouped experts too.
 from __future__ import annotations
 
 import torch
-from torch import nn
-
 from dsv3_lightning.plugins.fp8.gemm import scaled_matmul
 from dsv3_lightning.plugins.fp8.quant import Quantized
 from dsv3_lightning.plugins.fp8.recipes import FP8Recipe
+from torch import nn
 
 
 class _FP8LinearFunction(torch.autograd.Function):

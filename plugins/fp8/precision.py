@@ -27,14 +27,14 @@ import logging
 import os
 
 import torch
+from dsv3_lightning.plugins.fp8.experts import FP8GroupedExperts
+from dsv3_lightning.plugins.fp8.linear import FP8Linear, saved_bytes
+from dsv3_lightning.plugins.fp8.recipes import FP8Recipe
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from dsv3_lightning.model.moe import GroupedExperts
-from dsv3_lightning.plugins.fp8.experts import FP8GroupedExperts
-from dsv3_lightning.plugins.fp8.linear import FP8Linear, saved_bytes
-from dsv3_lightning.plugins.fp8.recipes import FP8Recipe
 
 log = logging.getLogger(__name__)
 _KEY = "trainer.plugins[FP8Precision]"
@@ -84,10 +84,10 @@ class FP8Precision(Precision):
                 continue
             if isinstance(child, nn.Linear):
                 dims = (child.in_features, child.out_features)
-                factory = lambda c=child: FP8Linear.from_linear(c, self.recipe, self.backend)  # noqa: E731
+                factory = lambda c=child: FP8Linear.from_linear(c, self.recipe, self.backend)
             elif isinstance(child, GroupedExperts):
                 dims = tuple(child.gate_up_proj.shape[1:]) + tuple(child.down_proj.shape[1:])
-                factory = lambda c=child: FP8GroupedExperts.from_experts(c, self.recipe, self.backend)  # noqa: E731
+                factory = lambda c=child: FP8GroupedExperts.from_experts(c, self.recipe, self.backend)
             else:
                 continue
             if any(fnmatch.fnmatch(name, p) for p in NEVER_CONVERTED + self.exclude):

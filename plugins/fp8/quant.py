@@ -21,7 +21,6 @@ K is zero-padded to a multiple of the block (zeros change no dot product); calle
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch

@@ -16,8 +16,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
-from dsv3_lightning.plugins.fp8.quant import Quantized, quantize_blocks, quantize_rows, quantize_tensor, quantize_tiles
+from dsv3_lightning.plugins.fp8.quant import (
+    Quantized,
+    quantize_blocks,
+    quantize_rows,
+    quantize_tensor,
+    quantize_tiles,
+)
 
 RECIPES = ("blockwise", "rowwise", "tensorwise")
 

@@ -20,8 +20,7 @@ import os
 import torch
 import triton
 import triton.language as tl
-
-from dsv3_lightning.plugins.fp8.quant import AMAX_FLOOR, FP8_DTYPE, FP8_MAX, Quantized
+from dsv3_lightning.plugins.fp8.quant import FP8_DTYPE, Quantized
 
 
 @triton.jit
@@ -113,7 +112,7 @@ def _blockwise_gemm_kernel(
     a_ptrs = a_ptr + rows[:, None] * K + ks[None, :]
     b_ptrs = b_ptr + cols[:, None] * K + ks[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kb in range(0, K // BLOCK_K):  # K is a compile-time constant: one kernel per model width
+    for kb in range(K // BLOCK_K):  # K is a compile-time constant: one kernel per model width
         a = tl.load(a_ptrs, mask=rows[:, None] < M, other=0.0)
         b = tl.load(b_ptrs, mask=cols[:, None] < N, other=0.0)
         a_s = tl.load(a_s_ptr + rows * k_blocks + kb, mask=rows < M, other=0.0)
@@ -137,7 +136,7 @@ def blockwise_matmul_triton(a: Quantized, b: Quantized, out_dtype: torch.dtype =
         grid = (triton.cdiv(M, 64), triton.cdiv(N, 64))
         _blockwise_gemm_kernel[grid](*args, BLOCK_M=64, BLOCK_N=64, BLOCK_K=128)
     else:
-        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))  # noqa: E731
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))
         _autotuned_gemm()[grid](*args, BLOCK_K=128)
     return c
 

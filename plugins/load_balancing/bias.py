@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import lightning as L
 import torch
-
 from dsv3_lightning.plugins.load_balancing._common import global_sum, moe_routers
 
 _KEY = "trainer.callbacks[AuxLossFreeBalancing]"

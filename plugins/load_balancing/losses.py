@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import lightning as L
 import torch
+from dsv3_lightning.plugins.load_balancing._common import moe_routers
 
 from dsv3_lightning.model.router import RouterStats
-from dsv3_lightning.plugins.load_balancing._common import moe_routers
 
 
 def balance_loss(stats: RouterStats, num_experts: int, *, per_sequence: bool) -> torch.Tensor:

@@ -22,10 +22,9 @@ from pathlib import Path
 import lightning as L
 import torch
 import torchmetrics
-from lightning.pytorch.loggers import TensorBoardLogger
-
 from dsv3_lightning.plugins.load_balancing._common import global_sum, moe_routers
 from dsv3_lightning.plugins.load_balancing.heatmap import load_heatmap, write_png
+from lightning.pytorch.loggers import TensorBoardLogger
 
 
 def max_violation(load_LE: torch.Tensor) -> torch.Tensor:

@@ -128,10 +128,10 @@ class ModelConfig:
     # ------------------------------------------------------------------ validation
     def _validate(self) -> None:
         positive = (
-            "vocab_size hidden_size intermediate_size moe_intermediate_size num_hidden_layers "
-            "num_attention_heads kv_lora_rank qk_nope_head_dim qk_rope_head_dim v_head_dim "
-            "n_routed_experts num_experts_per_tok n_group topk_group max_position_embeddings"
-        ).split()
+            "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+            "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+            "n_routed_experts", "num_experts_per_tok", "n_group", "topk_group", "max_position_embeddings",
+        )  # fmt: skip
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -4,11 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
-
-from dsv3_lightning import preset
-from dsv3_lightning.model.moe import GroupedExperts
-from dsv3_lightning.module import DSV3LightningModule
 from dsv3_lightning.plugins.fp8 import (
     FP8GroupedExperts,
     FP8Linear,
@@ -23,6 +18,11 @@ from dsv3_lightning.plugins.fp8 import (
 )
 from dsv3_lightning.plugins.fp8.gemm import scaled_matmul
 from dsv3_lightning.plugins.fp8.quant import FP8_DTYPE, e4m3_error_bound
+from torch import nn
+
+from dsv3_lightning import preset
+from dsv3_lightning.model.moe import GroupedExperts
+from dsv3_lightning.module import DSV3LightningModule
 
 
 def rand(*shape, seed=0, scale=1.0):
@@ -264,9 +264,10 @@ def test_adamw_bf16_tracks_float32_adamw_and_halves_the_state():
 def test_deepseek_fp8_checkpoint_round_trip(tmp_path):
     import json
 
-    from dsv3_lightning import DeepSeekV3
     from dsv3_lightning.plugins.fp8 import dequantize_checkpoint, quantize_checkpoint
     from safetensors import safe_open
+
+    from dsv3_lightning import DeepSeekV3
 
     model = DeepSeekV3(preset("tiny", **{**SHAPE, "hidden_size": 200}))  # 200: edge blocks are cropped
     model.save_pretrained(tmp_path / "plain", max_shard_size=300_000)

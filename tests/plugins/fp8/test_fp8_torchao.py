@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from dsv3_lightning.plugins.fp8 import FP8Recipe, fp8_linear
 
 torchao_float8 = pytest.importorskip("torchao.float8")

@@ -1,6 +1,5 @@
 """The Triton kernels compute what the portable PyTorch path computes (CPU: TRITON_INTERPRET=1)."""
 
-# ruff: noqa: E402
 
 from __future__ import annotations
 
@@ -9,10 +8,10 @@ import torch
 
 pytest.importorskip("triton")  # without a GPU, tests/conftest.py selects Triton's CPU interpreter
 
-from dsv3_lightning.plugins.fp8 import FP8Recipe, fp8_linear  # noqa: E402
-from dsv3_lightning.plugins.fp8.gemm import scaled_matmul_torch  # noqa: E402
-from dsv3_lightning.plugins.fp8.quant import quantize_blocks, quantize_tiles  # noqa: E402
-from dsv3_lightning.plugins.fp8.triton_kernels import act_quant, blockwise_matmul_triton, weight_quant  # noqa: E402
+from dsv3_lightning.plugins.fp8 import FP8Recipe, fp8_linear
+from dsv3_lightning.plugins.fp8.gemm import scaled_matmul_torch
+from dsv3_lightning.plugins.fp8.quant import quantize_blocks, quantize_tiles
+from dsv3_lightning.plugins.fp8.triton_kernels import act_quant, blockwise_matmul_triton, weight_quant
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
-
 from dsv3_lightning.plugins.load_balancing import AuxLossFreeBalancing, update_bias
-
 from test_balancing import make_module, routed_counts
+from torch.utils.data import DataLoader
 
 
 def biases_after_one_step(windows: torch.Tensor, *, devices: int, batch_size: int) -> torch.Tensor:
