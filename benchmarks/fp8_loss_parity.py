@@ -1,6 +1,6 @@
 """FP8 (blockwise, DeepSeek-V3's recipe) against float32 on the tiny model: loss curves and step time.
 
-    python benchmarks/fp8_loss_parity.py [--max_steps 400] [--recipes blockwise]
+    python benchmarks/fp8_loss_parity.py [--max_steps 400] [--recipes blockwise] [-- --model.learning_rate 1e-3]
 
 Runs ``dsv3 fit --config configs/tiny.yaml`` once in float32 and once per FP8 recipe with
 ``--trainer.plugins FP8Precision``, same seed, same data order, logging the training loss every step.
@@ -22,14 +22,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(tag: str, extra: list[str], max_steps: int, out: Path) -> dict[str, list[float]]:
+def run(tag: str, extra: list[str], max_steps: int, out: Path, overrides: list[str]) -> dict[str, list[float]]:
     subprocess.run(
         [
             sys.executable, "-m", "dsv3_lightning.cli", "fit", "--config", str(ROOT / "configs/tiny.yaml"),
             "--trainer.max_steps", str(max_steps), "--trainer.log_every_n_steps", "1",
             "--trainer.enable_progress_bar", "false",
             "--trainer.logger.init_args.save_dir", str(out), "--trainer.logger.init_args.name", "fp8_parity",
-            "--trainer.logger.init_args.version", tag, *extra,
+            "--trainer.logger.init_args.version", tag, *extra, *overrides,
         ],
         check=True, stdout=subprocess.DEVNULL,
     )
@@ -60,17 +60,19 @@ def main() -> None:
     parser.add_argument("--recipes", nargs="+", default=["blockwise"])
     parser.add_argument("--warmup", type=int, default=50, help="steps left out of the maximum error")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "benchmarks")
+    parser.add_argument("overrides", nargs="*", help="extra `dsv3 fit` arguments for every run (after --)")
     args = parser.parse_args()
 
-    curves = {"float32": run("float32", [], args.max_steps, args.out)}
+    curves = {"float32": run("float32", [], args.max_steps, args.out, args.overrides)}
     for recipe in args.recipes:
         plugin = ["--trainer.precision", "null", "--trainer.plugins", "dsv3_lightning.plugins.fp8.FP8Precision",
                   "--trainer.plugins.recipe", recipe]
-        curves[recipe] = run(f"fp8_{recipe}", plugin, args.max_steps, args.out)
+        curves[recipe] = run(f"fp8_{recipe}", plugin, args.max_steps, args.out, args.overrides)
 
     ref = ema(curves["float32"]["loss"])
     ref_step = step_seconds(curves["float32"]["time"])
-    print(f"\n{args.max_steps} steps of configs/tiny.yaml, EMA(0.9) of the training loss, relative to float32\n")
+    print(f"\n{args.max_steps} steps of configs/tiny.yaml {' '.join(args.overrides)}, EMA(0.9) of the training "
+          "loss, relative to float32\n")
     print("| run | max rel. loss error (after step %d) | rel. error at the end | final val loss | s/step | vs float32 |" % args.warmup)
     print("|---|---|---|---|---|---|")
     print(f"| float32 | - | - | {curves['float32']['val'][-1]:.4f} | {ref_step:.3f} | 1.00x |")
