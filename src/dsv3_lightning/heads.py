@@ -8,7 +8,8 @@ construction) through ``attach``. The module adds each head's ``loss`` to the ne
     class MyHead(PredictionHead):
         extra_tokens = 2                            # the data windows must carry 2 more tokens
         def attach(self, model): self.proj = nn.Linear(model.config.hidden_size, ...)
-        def forward(self, hidden_states, tokens, model, *, stage): return HeadOutput(loss, {"acc": ...})
+        def forward(self, hidden_states, tokens, model, *, stage, step):
+            return HeadOutput(loss, {"acc": ...})
 """
 
 from __future__ import annotations
@@ -41,9 +42,12 @@ class PredictionHead(nn.Module):
         """Called once by the LightningModule with the model, before the optimizer is built."""
 
     def forward(
-        self, hidden_states: torch.Tensor, tokens: torch.Tensor, model: DeepSeekV3, *, stage: str
+        self, hidden_states: torch.Tensor, tokens: torch.Tensor, model: DeepSeekV3, *, stage: str, step: int
     ) -> HeadOutput:
-        """``hidden_states`` [B, S, D] (before the final norm), ``tokens`` the whole window [B, S + 1 + extra]."""
+        """``hidden_states`` [B, S, D] (before the final norm), ``tokens`` the whole window [B, S + 1 + extra].
+
+        ``stage`` is "train", "val" or "test"; ``step`` the optimizer step, for loss-weight schedules.
+        """
         raise NotImplementedError
 
 

@@ -130,7 +130,7 @@ class DSV3LightningModule(L.LightningModule):
         loss = ce
         logs = {"train/ce": ce.detach()}
         for head in self.heads:
-            head_out = head(out.hidden_states, tokens, self.model, stage="train")
+            head_out = head(out.hidden_states, tokens, self.model, stage="train", step=self.global_step)
             loss = loss + head_out.loss
             logs.update({f"train/{k}": v.detach() for k, v in head_out.logs.items()})
         for name, term in self._loss_terms.items():
@@ -155,7 +155,7 @@ class DSV3LightningModule(L.LightningModule):
         self.val_loss.update(losses)
         self.val_accuracy.update((out.logits.argmax(-1) == targets).float().flatten())
         for head in self.heads:
-            head_out = head(out.hidden_states, tokens, self.model, stage=stage)
+            head_out = head(out.hidden_states, tokens, self.model, stage=stage, step=self.global_step)
             self.log_dict({f"{stage}/{k}": v for k, v in head_out.logs.items()}, sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:

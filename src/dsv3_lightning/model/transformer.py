@@ -73,11 +73,18 @@ class DeepSeekV3(nn.Module):
         self.reset_parameters()
 
     # ------------------------------------------------------------------ initialisation
-    @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Normal(0, initializer_range) for every matrix, ones for norms, a zero selection bias."""
+        self.init_weights(self)
+
+    @torch.no_grad()
+    def init_weights(self, root: nn.Module) -> None:
+        """Normal(0, initializer_range) for every matrix, ones for norms, a zero selection bias.
+
+        ``root`` may be a module built outside the model (a prediction head's layers) that should
+        start like the model's own.
+        """
         std = self.config.initializer_range
-        for module in self.modules():
+        for module in root.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, std=std)
             elif isinstance(module, GroupedExperts):
@@ -153,8 +160,13 @@ class DeepSeekV3(nn.Module):
 
         return load_pretrained(cls, path, dtype=dtype)
 
-    def save_pretrained(self, path: str | Path, *, max_shard_size: int = 5 * 2**30) -> None:
-        """Writes a directory that transformers' DeepseekV3ForCausalLM loads (per-expert keys)."""
+    def save_pretrained(
+        self, path: str | Path, *, max_shard_size: int = 5 * 2**30, extra_state: dict | None = None
+    ) -> None:
+        """Writes a directory that transformers' DeepseekV3ForCausalLM loads (per-expert keys).
+
+        ``extra_state``: more tensors under their checkpoint keys, e.g. MTP modules as layers >= N.
+        """
         from dsv3_lightning.hf import save_pretrained
 
-        save_pretrained(self, path, max_shard_size=max_shard_size)
+        save_pretrained(self, path, max_shard_size=max_shard_size, extra_state=extra_state)

@@ -1,0 +1,6 @@
+"""Multi-token prediction (SPEC.md §5): ``MultiTokenPrediction``, a head for ``model.heads``."""
+
+from dsv3_lightning.plugins.mtp.head import MultiTokenPrediction
+from dsv3_lightning.plugins.mtp.module import MTPModule
+
+__all__ = ["MTPModule", "MultiTokenPrediction"]
