@@ -167,3 +167,33 @@ data: {{data_path: {corpus}, cache_dir: {tmp_path / "cache"}, vocab_size: 300, s
     rows = list(csv.DictReader(open(tmp_path / "run" / "version_0" / "metrics.csv")))
     assert any(r.get("train/mtp_loss/depth_2") for r in rows)
     assert any(r.get("val/mtp_accuracy/depth_1") for r in rows) and any(r.get("val/loss") for r in rows)
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_speculative_greedy_equals_plain_greedy(depth):
+    from dsv3_lightning.plugins.mtp import greedy_generate, speculative_generate
+
+    module = make(depth)
+    module.eval()
+    prompt = torch.randint(0, 64, (1, 5), generator=torch.Generator().manual_seed(3))
+    plain = greedy_generate(module.model, prompt, 20)
+    fast, stats = speculative_generate(module.model, module.heads[0], prompt, 20)
+    assert torch.equal(fast, plain)
+    assert sum(stats.proposed) > 0 and len(stats.acceptance()) == depth
+
+
+def test_speculative_accepts_perfect_drafts():
+    """With a zero output matrix every head (main and MTP, which share it) predicts token 0, so every
+    draft agrees with the main model and is accepted: the acceptance bookkeeping reaches 1.0."""
+    from dsv3_lightning.plugins.mtp import greedy_generate, speculative_generate
+
+    module = make(1)
+    module.eval()
+    with torch.no_grad():
+        module.model.lm_head.weight.zero_()
+    prompt = torch.full((1, 4), 7)
+    plain = greedy_generate(module.model, prompt, 9)
+    fast, stats = speculative_generate(module.model, module.heads[0], prompt, 9)
+    assert torch.equal(fast, plain)
+    assert stats.acceptance()[0] == 1.0 and torch.all(fast[0, 4:] == 0)
+    assert stats.proposed == [3]  # 9 tokens in 3 rounds of 3: main token, accepted draft, verified bonus
