@@ -4,6 +4,9 @@
     dsv3 fit --config configs/tiny.yaml --trainer.max_steps 100 --model.config.num_hidden_layers 2
     dsv3 validate --config configs/tiny.yaml --ckpt_path runs/tiny/.../last.ckpt
     dsv3 fit --config configs/tiny.yaml --print_config        # the full, commented configuration
+    dsv3 generate --ckpt_path runs/tiny/.../last.ckpt --prompt "Once upon a time"
+    dsv3 convert runs/tiny/.../last.ckpt hf_dir/              # Lightning checkpoint <-> Hugging Face
+    dsv3 sweep configs/sweeps/load_balancing.yaml             # named variants, results table and plots
 
 Plugins are named by class path in ``trainer.plugins``, ``trainer.callbacks``, ``trainer.strategy``
 and ``model.heads``. ``data.vocab_size`` is linked to ``model.config.vocab_size`` (set it once, under
@@ -12,7 +15,9 @@ and ``model.heads``. ``data.vocab_size`` is linked to ``model.config.vocab_size`
 
 from __future__ import annotations
 
+import importlib
 import logging
+import sys
 import warnings
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -47,9 +52,22 @@ def _enable_logging() -> None:
     logger.propagate = False
 
 
+def tool_commands() -> dict[str, str]:
+    """Subcommands that are not LightningCLI's: name -> module whose ``main(argv)`` runs it."""
+    return {
+        "generate": "dsv3_lightning.generate",
+        "convert": "dsv3_lightning.convert",
+        "sweep": "dsv3_lightning.sweep",
+    }
+
+
 def main(args: list[str] | None = None) -> None:
     """The ``dsv3`` console script (returns nothing: a console script would print a return value)."""
     _enable_logging()
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv and argv[0] in tool_commands():
+        importlib.import_module(tool_commands()[argv[0]]).main(argv[1:])
+        return
     # Our training sampler resumes mid-epoch through the data module's checkpoint state, which
     # Lightning's check for stateful dataloaders does not see.
     warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
