@@ -2,6 +2,6 @@
 
 from dsv3_lightning.plugins.mtp.head import MultiTokenPrediction
 from dsv3_lightning.plugins.mtp.module import MTPModule
-from dsv3_lightning.plugins.mtp.speculative import SpeculativeStats, greedy_generate, speculative_generate
+from dsv3_lightning.plugins.mtp.speculative import SpeculativeStats, speculative_generate
 
-__all__ = ["MTPModule", "MultiTokenPrediction", "SpeculativeStats", "greedy_generate", "speculative_generate"]
+__all__ = ["MTPModule", "MultiTokenPrediction", "SpeculativeStats", "speculative_generate"]

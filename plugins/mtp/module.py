@@ -36,8 +36,11 @@ class MTPModule(DecoderLayer):
         self.eh_proj = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)
         self.shared_head = SharedHead(config)
 
+    def fuse(self, h_prev_BSD: torch.Tensor, emb_BSD: torch.Tensor) -> torch.Tensor:
+        """The block's input: the projection of [enorm(embedding) ; hnorm(previous depth's state)]."""
+        return self.eh_proj(torch.cat([self.enorm(emb_BSD), self.hnorm(h_prev_BSD)], dim=-1))
+
     def forward(
         self, h_prev_BSD: torch.Tensor, emb_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> torch.Tensor:
-        x = self.eh_proj(torch.cat([self.enorm(emb_BSD), self.hnorm(h_prev_BSD)], dim=-1))
-        return super().forward(x, cos, sin)
+        return super().forward(self.fuse(h_prev_BSD, emb_BSD), cos, sin)

@@ -169,31 +169,81 @@ data: {{data_path: {corpus}, cache_dir: {tmp_path / "cache"}, vocab_size: 300, s
     assert any(r.get("val/mtp_accuracy/depth_1") for r in rows) and any(r.get("val/loss") for r in rows)
 
 
-@pytest.mark.parametrize("depth", [1, 2])
-def test_speculative_greedy_equals_plain_greedy(depth):
-    from dsv3_lightning.plugins.mtp import greedy_generate, speculative_generate
+def reference_speculative(model, mtp, ids, max_new_tokens):
+    """The same algorithm with full uncached forwards: the drafts and acceptances to match."""
+    proposed, accepted = [0] * mtp.depth, [0] * mtp.depth
+    target = ids.shape[1] + max_new_tokens
+    ids = torch.cat([ids, model(ids).logits[:, -1:].argmax(-1)], dim=1)  # t_0..t_T
+    while ids.shape[1] < target:
+        T = ids.shape[1] - 1
+        seq, h = ids, model(ids[:, :T]).hidden_states
+        cos, sin = model.rotary(T, ids.device)
+        for k, layer in enumerate(mtp.layers, start=1):
+            h = layer(h, model.embed(seq[:, k : k + T]), cos, sin)
+            seq = torch.cat([seq, model.lm_head(layer.shared_head.norm(h[:, -1:])).argmax(-1)], dim=1)
+        verify = model(seq).logits[:, T:].argmax(-1)
+        n = 0
+        for k in range(1, mtp.depth + 1):
+            proposed[k - 1] += 1
+            if seq[0, T + k] != verify[0, k - 1]:
+                break
+            accepted[k - 1] += 1
+            n += 1
+        ids = torch.cat([seq[:, : T + 1 + n], verify[:, n : n + 1]], dim=1)[:, :target]
+    return ids, proposed, accepted
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_cached_speculative_decoding_matches_greedy_and_the_uncached_algorithm(depth):
+    """Only tokens 0 and 1 can win, and the main model alternates them (its state is mostly the current
+    token's embedding): the MTP drafts are then right at some depths and wrong at others, so
+    acceptance, rejection and the caches' roll-back are all exercised."""
+    from dsv3_lightning.generation import generate
+    from dsv3_lightning.plugins.mtp import speculative_generate
 
     module = make(depth)
     module.eval()
+    with torch.no_grad():
+        embedding, w = module.model.model.embed_tokens.weight, module.model.lm_head.weight
+        w.zero_()
+        w[0] = embedding[1] - embedding[0]
+        w[1] = -w[0]
     prompt = torch.randint(0, 64, (1, 5), generator=torch.Generator().manual_seed(3))
-    plain = greedy_generate(module.model, prompt, 20)
+    fast, stats = speculative_generate(module.model, module.heads[0], prompt, 24)
+    assert torch.equal(fast, generate(module.model, prompt, 24))
+    with torch.no_grad():
+        ref, proposed, accepted = reference_speculative(module.model, module.heads[0], prompt, 24)
+    assert torch.equal(fast, ref)
+    assert (stats.proposed, stats.accepted) == (proposed, accepted)
+    assert sum(accepted) > 0 and (depth == 1 or sum(accepted) < sum(proposed))
+    assert stats.rounds == stats.proposed[0]
+
+
+def test_speculative_on_random_weights_equals_plain_greedy():
+    from dsv3_lightning.generation import generate
+    from dsv3_lightning.plugins.mtp import speculative_generate
+
+    module = make(2)
+    module.eval()
+    prompt = torch.randint(0, 64, (1, 5), generator=torch.Generator().manual_seed(4))
     fast, stats = speculative_generate(module.model, module.heads[0], prompt, 20)
-    assert torch.equal(fast, plain)
-    assert sum(stats.proposed) > 0 and len(stats.acceptance()) == depth
+    assert torch.equal(fast, generate(module.model, prompt, 20))
+    assert sum(stats.proposed) > 0 and len(stats.acceptance()) == 2
 
 
 def test_speculative_accepts_perfect_drafts():
     """With a zero output matrix every head (main and MTP, which share it) predicts token 0, so every
     draft agrees with the main model and is accepted: the acceptance bookkeeping reaches 1.0."""
-    from dsv3_lightning.plugins.mtp import greedy_generate, speculative_generate
+    from dsv3_lightning.generation import generate
+    from dsv3_lightning.plugins.mtp import speculative_generate
 
     module = make(1)
     module.eval()
     with torch.no_grad():
         module.model.lm_head.weight.zero_()
     prompt = torch.full((1, 4), 7)
-    plain = greedy_generate(module.model, prompt, 9)
+    plain = generate(module.model, prompt, 9)
     fast, stats = speculative_generate(module.model, module.heads[0], prompt, 9)
     assert torch.equal(fast, plain)
     assert stats.acceptance()[0] == 1.0 and torch.all(fast[0, 4:] == 0)
-    assert stats.proposed == [3]  # 9 tokens in 3 rounds of 3: main token, accepted draft, verified bonus
+    assert stats.proposed == [4]  # 9 tokens: the prefill's token, then 4 rounds of (accepted draft, bonus)
