@@ -74,6 +74,7 @@ class MultiTokenPrediction(PredictionHead):
             self.load_hf_state_dict(saved, n)
 
     def current_weight(self, step: int) -> float:
+        """λ at optimizer ``step``: ``loss_weight``, then ``later_loss_weight`` from ``switch_at_step`` on."""
         if self.later_loss_weight is not None and self.switch_at_step is not None and step >= self.switch_at_step:
             return self.later_loss_weight
         return self.loss_weight
@@ -100,9 +101,29 @@ class MultiTokenPrediction(PredictionHead):
             logs[f"mtp_loss/depth_{k}"] = ce.detach()
             if stage != "train":
                 logs[f"mtp_accuracy/depth_{k}"] = (logits.argmax(-1) == targets).float().mean()
-        mean = torch.stack(losses).mean()
-        logs["mtp_loss"] = mean.detach()
-        return HeadOutput(self.current_weight(step) * mean, logs)
+        losses_D = torch.stack(losses)
+        logs["mtp_loss"] = losses_D.mean().detach()
+        return HeadOutput(self.weighted_loss(losses_D, step), logs)
+
+    def weighted_loss(self, losses_D: torch.Tensor, step: int) -> torch.Tensor:
+        """The extension point for another loss weighting: the MTP loss added to the training loss.
+
+        ``losses_D`` [depth] holds each depth's cross-entropy (depth 1 first), ``step`` is the optimizer
+        step. The default is V3's ``λ / D · Σ_k L_k`` with λ = ``current_weight(step)``. Only training
+        adds it to the loss; ``mtp_loss`` (logged) stays the unweighted mean over depths.
+        """
+        return self.current_weight(step) * losses_D.mean()
+
+    # ------------------------------------------------------------------ decoding
+    @property
+    def can_draft(self) -> bool:
+        return self.depth > 0
+
+    def speculative_generate(self, model: DeepSeekV3, input_ids: torch.Tensor, max_new_tokens: int, *,
+                             on_token=None):
+        from dsv3_lightning.plugins.mtp.speculative import speculative_generate
+
+        return speculative_generate(model, self, input_ids, max_new_tokens, on_token=on_token)
 
     # ------------------------------------------------------------------ Hugging Face layout
     def hf_state_dict(self, model: DeepSeekV3) -> dict[str, torch.Tensor]:

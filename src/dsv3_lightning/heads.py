@@ -10,12 +10,18 @@ construction) through ``attach``. The module adds each head's ``loss`` to the ne
         def attach(self, model): self.proj = nn.Linear(model.config.hidden_size, ...)
         def forward(self, hidden_states, tokens, model, *, stage, step):
             return HeadOutput(loss, {"acc": ...})
+
+Checkpoints rebuild heads from ``init_args()`` (their constructor arguments, stored in the
+LightningModule's hyperparameters), so ``load_from_checkpoint`` and ``dsv3 generate`` need no YAML.
+Two optional abilities are documented methods: ``hf_state_dict`` (export in the Hugging Face layout)
+and ``speculative_generate`` (decoding with the head's drafts, when ``can_draft``).
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -50,5 +56,50 @@ class PredictionHead(nn.Module):
         """
         raise NotImplementedError
 
+    def init_args(self) -> dict[str, Any]:
+        """The constructor arguments that rebuild this head, stored in checkpoints.
 
-__all__ = ["HeadOutput", "PredictionHead"]
+        By default each ``__init__`` parameter is read from the attribute of the same name; override
+        when a head stores its arguments under other names.
+        """
+        args = {}
+        for name in list(inspect.signature(type(self).__init__).parameters)[1:]:
+            if not hasattr(self, name):
+                raise TypeError(
+                    f"{type(self).__name__} keeps no attribute {name!r} for its __init__ argument; store it "
+                    "under that name or override init_args() so that checkpoints can rebuild the head"
+                )
+            args[name] = getattr(self, name)
+        return args
+
+    def hf_state_dict(self, model: DeepSeekV3) -> dict[str, torch.Tensor]:
+        """The head's tensors under Hugging Face checkpoint keys (none by default: not exported)."""
+        return {}
+
+    @property
+    def can_draft(self) -> bool:
+        """Whether ``speculative_generate`` is available (multi-token prediction heads draft tokens)."""
+        return False
+
+    def speculative_generate(self, model: DeepSeekV3, input_ids: torch.Tensor, max_new_tokens: int, *,
+                             on_token=None) -> tuple[torch.Tensor, Any]:
+        """Greedy decoding with this head's drafts verified by ``model``: (ids, statistics)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot draft tokens")
+
+
+def head_spec(head: PredictionHead) -> dict[str, Any]:
+    """``{"class_path", "init_args"}``: a head as YAML names it, for the checkpoint's hyperparameters."""
+    return {"class_path": f"{type(head).__module__}.{type(head).__qualname__}", "init_args": head.init_args()}
+
+
+def build_head(spec: PredictionHead | dict[str, Any]) -> PredictionHead:
+    """A head from its ``head_spec`` (heads given as objects are returned as they are)."""
+    if isinstance(spec, PredictionHead):
+        return spec
+    import importlib
+
+    module_name, _, class_name = spec["class_path"].rpartition(".")
+    return getattr(importlib.import_module(module_name), class_name)(**spec.get("init_args", {}))
+
+
+__all__ = ["HeadOutput", "PredictionHead", "build_head", "head_spec"]

@@ -343,6 +343,10 @@ def save_pretrained(
         _atomic(path / INDEX_FILE, lambda tmp: tmp.write_text(json.dumps(index, indent=2, sort_keys=True)))
     dtype = next(p.dtype for p in model.parameters())
     hf_config = config_to_hf(config, dtype=dtype)
+    # MTP modules are layers N.. N+D-1; transformers and DeepSeek read D from num_nextn_predict_layers
+    extra_layers = {int(k.split(".")[2]) for k in extra_state if k.startswith("model.layers.")}
+    if extra_layers:
+        hf_config["num_nextn_predict_layers"] = len(extra_layers)
     _atomic(path / CONFIG_NAME, lambda tmp: tmp.write_text(json.dumps(hf_config, indent=2)))
 
 

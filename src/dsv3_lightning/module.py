@@ -30,7 +30,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from dsv3_lightning.config import ModelConfig
-from dsv3_lightning.heads import PredictionHead
+from dsv3_lightning.heads import PredictionHead, build_head, head_spec
 from dsv3_lightning.model import DeepSeekV3
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,11 @@ class DSV3LightningModule(L.LightningModule):
             raise ValueError(f"model.min_lr_ratio ({min_lr_ratio}) must be in [0, 1]")
         if warmup_steps < 0:
             raise ValueError(f"model.warmup_steps ({warmup_steps}) must be >= 0")
+        if isinstance(config, dict):  # from a checkpoint's hyperparameters
+            config = ModelConfig.from_dict(config, source="model.config")
+        heads = [build_head(h) for h in heads or []]
         self.save_hyperparameters(ignore=["heads"])
+        self.hparams["heads"] = [head_spec(h) for h in heads]  # so that checkpoints rebuild them
         self.config = config
         self.model = DeepSeekV3.from_pretrained(init_from) if init_from else DeepSeekV3(config)
         if init_from and self.model.config != config:
@@ -80,7 +84,7 @@ class DSV3LightningModule(L.LightningModule):
                 f"model.init_from ({init_from}) holds a model of another shape than model.config; "
                 "copy its config.json values into model.config"
             )
-        self.heads = nn.ModuleList(heads or [])
+        self.heads = nn.ModuleList(heads)
         for head in self.heads:
             head.attach(self.model)
         self._loss_terms: dict[str, LossTerm] = {}
@@ -90,6 +94,11 @@ class DSV3LightningModule(L.LightningModule):
         self.flops_per_token = 6 * (activated - self.model.model.embed_tokens.weight.numel())
         """Training FLOPs per token, 6·N (activated, without the embedding lookup); attention excluded."""
         self.flops_per_batch = 0
+
+    @classmethod
+    def from_hparams(cls, hparams: dict) -> DSV3LightningModule:
+        """The module a checkpoint's ``hyper_parameters`` describe (weights not loaded)."""
+        return cls(**{k: v for k, v in hparams.items() if not k.startswith("_")})
 
     # ------------------------------------------------------------------ seams
     @property

@@ -1,0 +1,121 @@
+"""``dsv3 convert``: a Lightning checkpoint to a Hugging Face directory, and back.
+
+    dsv3 convert runs/tiny/version_0/checkpoints/last.ckpt hf_dir/      # .ckpt -> Hugging Face
+    dsv3 convert hf_dir/ model.ckpt                                      # Hugging Face -> .ckpt
+    dsv3 convert deepseek_fp8_dir/ hf_dir/                               # FP8 blocks -> dequantized
+
+.ckpt -> Hugging Face: the checkpoint is memory-mapped (``torch.load(mmap=True)``) and assigned into
+a model built on the meta device, so no tensor is copied before it is written; safetensors shards of
+``--max_shard_size`` follow ``save_pretrained``. Prediction heads export themselves through
+``PredictionHead.hf_state_dict`` (MTP modules as layers ``num_hidden_layers + k``, with
+``num_nextn_predict_layers`` in config.json), and the run's tokenizer becomes ``tokenizer.json``.
+
+Hugging Face -> .ckpt: a weights-and-tokenizer checkpoint that ``dsv3 generate``, ``dsv3 validate
+--ckpt_path`` and ``DSV3LightningModule.load_from_checkpoint`` open. MTP layers in the directory are
+attached as ``--mtp_head`` (its class path; a YAML-style default, nothing here imports it).
+
+Hugging Face (DeepSeek's FP8 release, ``weight_scale_inv`` per 128x128 block) -> Hugging Face: the
+FP8 plugin's dequantizer, shard by shard.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+import torch
+
+from dsv3_lightning.hf import config_from_hf
+
+
+def _ckpt_to_hf(src: Path, dst: Path, max_shard_size: int) -> None:
+    from dsv3_lightning.module import DSV3LightningModule
+
+    checkpoint = torch.load(src, map_location="cpu", weights_only=False, mmap=True)
+    if not isinstance(checkpoint, dict) or "config" not in checkpoint.get("hyper_parameters", {}):
+        raise ValueError(f"{src}: not a dsv3 Lightning checkpoint (no hyper_parameters.config)")
+    with torch.device("meta"):
+        module = DSV3LightningModule.from_hparams(checkpoint["hyper_parameters"])
+    module.load_state_dict(checkpoint["state_dict"], strict=True, assign=True)
+    module.model.reset_buffers()
+    extra = {}
+    for head in module.heads:
+        extra.update(head.hf_state_dict(module.model))
+    module.model.save_pretrained(dst, max_shard_size=max_shard_size, extra_state=extra)
+    tokenizer = checkpoint.get("DSV3DataModule", {}).get("tokenizer_json")
+    if tokenizer is not None:
+        (dst / "tokenizer.json").write_text(tokenizer, encoding="utf-8")
+
+
+def _hf_to_ckpt(src: Path, dst: Path, mtp_head: str) -> None:
+    from dsv3_lightning.model.transformer import DeepSeekV3
+    from dsv3_lightning.module import DSV3LightningModule
+
+    model = DeepSeekV3.from_pretrained(src)
+    depth = len({key.split(".")[2] for key in model.mtp_checkpoint_state})
+    heads = []
+    if depth:
+        module_name, _, class_name = mtp_head.rpartition(".")
+        heads = [getattr(importlib.import_module(module_name), class_name)(depth)]
+    module = DSV3LightningModule(model.config, heads, init_from=str(src))
+    checkpoint = {
+        "state_dict": module.state_dict(),
+        "hyper_parameters": dict(module.hparams),
+        "hparams_name": "kwargs",
+        "pytorch-lightning_version": _lightning_version(),
+    }
+    if (src / "tokenizer.json").is_file():
+        tokenizer = (src / "tokenizer.json").read_text(encoding="utf-8")
+        checkpoint["DSV3DataModule"] = {"tokenizer_json": tokenizer, "vocab_size": model.config.vocab_size}
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    torch.save(checkpoint, tmp)
+    tmp.replace(dst)
+
+
+def _lightning_version() -> str:
+    import lightning
+
+    return lightning.__version__
+
+
+def convert(src: str, dst: str, max_shard_size: int = 5 * 2**30,
+            mtp_head: str = "dsv3_lightning.plugins.mtp.MultiTokenPrediction") -> None:
+    """Convert between a Lightning checkpoint and a Hugging Face directory (the direction from SRC).
+
+    Args:
+        src: A .ckpt from dsv3 fit, or a Hugging Face DeepSeek-V3 directory (FP8 or not).
+        dst: The Hugging Face directory to write (from a .ckpt or an FP8 directory), or the .ckpt to
+            write (from a Hugging Face directory).
+        max_shard_size: Bytes per safetensors shard when writing a Hugging Face directory.
+        mtp_head: The prediction head class that takes a Hugging Face directory's MTP layers.
+    """
+    source, target = Path(src).expanduser(), Path(dst).expanduser()
+    if source.is_file():
+        if target.suffix == ".ckpt":
+            raise ValueError(f"{dst}: converting a .ckpt gives a Hugging Face directory; name a directory")
+        _ckpt_to_hf(source, target, max_shard_size)
+    elif source.is_dir():
+        config = json.loads((source / "config.json").read_text()) if (source / "config.json").is_file() else None
+        if config is None:
+            raise FileNotFoundError(f"{source}/config.json: missing; SRC must be a Hugging Face model directory")
+        if config.get("quantization_config"):
+            from dsv3_lightning.plugins.fp8.checkpoint import dequantize_checkpoint
+
+            dequantize_checkpoint(source, target, dtype=torch.float32)
+            return
+        config_from_hf(config, source=str(source / "config.json"))  # refuses other architectures early
+        if target.suffix != ".ckpt":
+            raise ValueError(f"{dst}: converting a Hugging Face directory gives a Lightning checkpoint; name a .ckpt file")
+        _hf_to_ckpt(source, target, mtp_head)
+    else:
+        raise FileNotFoundError(f"{src}: no such checkpoint file or directory")
+
+
+def main(argv: list[str]) -> None:
+    from jsonargparse import CLI
+
+    CLI(convert, args=argv)
+
+
+__all__ = ["convert"]

@@ -1,0 +1,73 @@
+"""Opening a trained model for inference or conversion, from either format people hold.
+
+- a Lightning checkpoint (``.ckpt`` from ``dsv3 fit``): the model, its prediction heads (rebuilt from
+  the checkpoint's hyperparameters, so MTP modules come back) and the tokenizer the run trained,
+  which the data module stores in every checkpoint;
+- a Hugging Face directory (config.json + safetensors): the model, MTP tensors kept aside in
+  ``model.mtp_checkpoint_state``, and ``tokenizer.json`` when the directory has one.
+
+Anything else is refused with a message that says what was expected.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+
+from dsv3_lightning.heads import PredictionHead
+from dsv3_lightning.model.transformer import DeepSeekV3
+from dsv3_lightning.tokenizer import load_tokenizer, tokenizer_from_str
+
+
+@dataclass
+class LoadedModel:
+    model: DeepSeekV3
+    heads: list[PredictionHead] = field(default_factory=list)
+    tokenizer: Tokenizer | None = None
+    source: str = ""
+
+
+def load_lightning_checkpoint(path: Path) -> LoadedModel:
+    from dsv3_lightning.module import DSV3LightningModule
+
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ValueError(f"{path}: not a Lightning checkpoint (no 'state_dict'); pass a .ckpt written by dsv3 fit")
+    hparams = checkpoint.get("hyper_parameters", {})
+    if "config" not in hparams or not any(k.startswith("model.model.embed_tokens") for k in checkpoint["state_dict"]):
+        raise ValueError(
+            f"{path}: a Lightning checkpoint of another architecture (no DeepSeek-V3 model.config and "
+            "model.model.* weights); pass a checkpoint written by dsv3 fit"
+        )
+    module = DSV3LightningModule.load_from_checkpoint(path, map_location="cpu", weights_only=False)
+    data_state = checkpoint.get("DSV3DataModule", {})
+    tokenizer = None
+    if "tokenizer_json" in data_state:
+        tokenizer = tokenizer_from_str(data_state["tokenizer_json"], source=f"{path}'s tokenizer")
+    return LoadedModel(module.model.eval(), [h.eval() for h in module.heads], tokenizer, str(path))
+
+
+def load_hf_directory(path: Path) -> LoadedModel:
+    model = DeepSeekV3.from_pretrained(path).eval()
+    tokenizer = load_tokenizer(path / "tokenizer.json") if (path / "tokenizer.json").is_file() else None
+    return LoadedModel(model, [], tokenizer, str(path))
+
+
+def load_trained(path: str | Path, *, tokenizer_path: str | Path | None = None) -> LoadedModel:
+    """A Lightning ``.ckpt`` or a Hugging Face directory; ``tokenizer_path`` overrides its tokenizer."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        loaded = load_hf_directory(path)
+    elif path.is_file():
+        loaded = load_lightning_checkpoint(path)
+    else:
+        raise FileNotFoundError(f"{path}: no such checkpoint file or Hugging Face directory")
+    if tokenizer_path is not None:
+        loaded.tokenizer = load_tokenizer(tokenizer_path)
+    return loaded
+
+
+__all__ = ["LoadedModel", "load_trained"]
