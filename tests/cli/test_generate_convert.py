@@ -98,3 +98,20 @@ def test_bad_input_is_named(trained, tmp_path):
     (hf_dir / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
     with pytest.raises(ValueError, match="model_type 'llama' is not supported"):
         main(["convert", str(hf_dir), str(tmp_path / "x.ckpt")])
+
+
+def test_convert_dequantizes_deepseek_fp8_checkpoints(trained, tmp_path):
+    from dsv3_lightning.plugins.fp8.checkpoint import quantize_checkpoint
+
+    main(["convert", str(trained), str(tmp_path / "hf")])
+    quantize_checkpoint(tmp_path / "hf", tmp_path / "fp8")
+    assert json.loads((tmp_path / "fp8" / "config.json").read_text())["quantization_config"]["quant_method"] == "fp8"
+    main(["convert", str(tmp_path / "fp8"), str(tmp_path / "dequantized")])
+    original = DeepSeekV3.from_pretrained(tmp_path / "hf").state_dict()
+    restored = DeepSeekV3.from_pretrained(tmp_path / "dequantized").state_dict()
+    quantized = 0
+    for key, tensor in original.items():
+        error = (restored[key].float() - tensor.float()).norm() / tensor.float().norm().clamp_min(1e-12)
+        assert error < 0.05, key  # E4M3 keeps 3 mantissa bits: a few percent at most
+        quantized += bool(error > 0)
+    assert quantized > 0  # the layers' weights really went through FP8
