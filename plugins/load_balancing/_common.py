@@ -1,4 +1,8 @@
-"""What every load-balancing plugin needs: the model's routers, checked, and a global sum."""
+"""What every load-balancing plugin needs: the routers, checked, and a global sum.
+
+The routers are the model's MoE layers in order, then those inside prediction heads (the MTP modules
+are MoE blocks too, and DeepSeek-V3 balances them like the others).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ from dsv3_lightning.model.router import Router
 
 
 def moe_routers(pl_module: L.LightningModule, plugin: str) -> list[Router]:
-    """The routers of ``pl_module.model``, or a clear error when there is nothing to balance."""
+    """The routers of ``pl_module.model`` and its heads, or a clear error when there is nothing to balance."""
     model = getattr(pl_module, "model", None)
     routers = model.routers() if model is not None and hasattr(model, "routers") else []
     if not routers:
@@ -17,7 +21,8 @@ def moe_routers(pl_module: L.LightningModule, plugin: str) -> list[Router]:
             f"{plugin} balances MoE layers, but the model has none (model.config.first_k_dense_replace >= "
             "num_hidden_layers?): lower first_k_dense_replace or remove the callback"
         )
-    return routers
+    heads = getattr(pl_module, "heads", [])
+    return routers + [m for head in heads for m in head.modules() if isinstance(m, Router)]
 
 
 def global_sum(trainer: L.Trainer, tensor: torch.Tensor) -> torch.Tensor:

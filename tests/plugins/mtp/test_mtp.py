@@ -247,3 +247,19 @@ def test_speculative_accepts_perfect_drafts():
     assert torch.equal(fast, plain)
     assert stats.acceptance()[0] == 1.0 and torch.all(fast[0, 4:] == 0)
     assert stats.proposed == [4]  # 9 tokens: the prefill's token, then 4 rounds of (accepted draft, bonus)
+
+
+def test_balancing_callbacks_also_balance_the_mtp_modules_routers():
+    import lightning as L
+    from dsv3_lightning.plugins.load_balancing import AuxLossFreeBalancing, ExpertLoadMonitor
+    from torch.utils.data import DataLoader
+
+    module = make(1)
+    monitor = ExpertLoadMonitor()
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[AuxLossFreeBalancing(0.01), monitor])
+    trainer.fit(module, DataLoader(list(windows(1)), batch_size=3))
+    mtp_router = module.heads[0].layers[0].mlp.gate
+    assert mtp_router in monitor.routers and len(monitor.routers) == len(module.model.routers()) + 1
+    assert mtp_router.e_score_correction_bias.abs().sum() > 0  # moved by the bias update
