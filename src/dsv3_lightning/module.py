@@ -32,6 +32,7 @@ from torch import nn
 from dsv3_lightning.config import ModelConfig
 from dsv3_lightning.heads import PredictionHead, build_head, head_spec
 from dsv3_lightning.model import DeepSeekV3
+from dsv3_lightning.model.transformer import DecoderLayer
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,8 @@ class DSV3LightningModule(L.LightningModule):
         betas: AdamW betas; DeepSeek-V3 uses (0.9, 0.95).
         init_from: A Hugging Face checkpoint directory whose weights initialise the model; its
             config.json must describe the same shape as ``config``.
+        recompute_activations: Recompute each block's attention-input RMSNorm and MLA up-projections
+            in backward instead of storing them (DeepSeek-V3's memory trick; costs extra compute).
     """
 
     def __init__(
@@ -64,6 +67,7 @@ class DSV3LightningModule(L.LightningModule):
         weight_decay: float = 0.1,
         betas: tuple[float, float] = (0.9, 0.95),
         init_from: str | None = None,
+        recompute_activations: bool = False,
     ) -> None:
         super().__init__()
         if learning_rate <= 0:
@@ -87,6 +91,9 @@ class DSV3LightningModule(L.LightningModule):
         self.heads = nn.ModuleList(heads)
         for head in self.heads:
             head.attach(self.model)
+        for layer in self.modules():  # the model's blocks and the heads' (MTP modules are blocks)
+            if isinstance(layer, DecoderLayer):
+                layer.set_recomputation(recompute_activations)
         self._loss_terms: dict[str, LossTerm] = {}
         self.val_loss = torchmetrics.MeanMetric()
         self.val_accuracy = torchmetrics.MeanMetric()

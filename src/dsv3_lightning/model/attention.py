@@ -16,7 +16,13 @@ V = v_head_dim [128].
 
 The latent norms use eps 1e-6 whatever ``rms_norm_eps`` says, as the released model does. Training
 materialises per-head keys and values (the "naive" form); the absorbed-weight latent cache of
-inference is a separate path.
+inference is a separate path (kv_cache.py).
+
+Recomputation (SPEC.md §3.2, V3's memory trick): with ``recompute_up_projections`` set, the step from
+the latents (c^Q before its norm, c^KV before its norm, k^R) to the attention output runs under
+activation checkpointing: backward keeps only the latents, and recomputes the latent norms, the
+up-projections q_b_proj / kv_b_proj and the attention core instead of storing per-head queries,
+keys and values.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from dsv3_lightning.config import ModelConfig
 from dsv3_lightning.model.norm import RMSNorm
@@ -54,6 +61,7 @@ class MultiHeadLatentAttention(nn.Module):
             c.kv_lora_rank, c.num_attention_heads * (c.qk_nope_head_dim + c.v_head_dim), bias=False
         )
         self.o_proj = nn.Linear(c.num_attention_heads * c.v_head_dim, c.hidden_size, bias=False)
+        self.recompute_up_projections = False
 
     def project_queries(self, x_BSD: torch.Tensor) -> torch.Tensor:
         """Queries [B, S, H, N + R], RoPE not yet applied."""
@@ -70,17 +78,34 @@ class MultiHeadLatentAttention(nn.Module):
         latent, k_rope = self.kv_a_proj_with_mqa(x_BSD).split([self.kv_lora_rank, self.qk_rope_head_dim], -1)
         return self.kv_a_layernorm(latent), apply_rotary(k_rope.unsqueeze(2), cos, sin)
 
-    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        q = self.project_queries(x_BSD)
-        q_nope, q_rope = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], -1)
+    def compress(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The down-projections: c^Q before its norm (or full queries without compression), and
+        [c^KV ; k~^R] before the latent norm and RoPE."""
+        q = self.q_a_proj(x_BSD) if self.compress_queries else self.q_proj(x_BSD)
+        return q, self.kv_a_proj_with_mqa(x_BSD)
+
+    def attend(self, q_latent: torch.Tensor, kv_latent: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """From the down-projections to the heads' outputs [B, S, H·V] (before o_proj)."""
+        q = self.q_b_proj(self.q_a_layernorm(q_latent)) if self.compress_queries else q_latent
+        q_nope, q_rope = q.unflatten(-1, (self.num_heads, -1)).split([self.qk_nope_head_dim, self.qk_rope_head_dim], -1)
         q = torch.cat((q_nope, apply_rotary(q_rope, cos, sin)), -1)
 
-        latent, k_rope = self.project_latent(x_BSD, cos, sin)
-        kv = self.kv_b_proj(latent).unflatten(-1, (self.num_heads, -1))
+        latent, k_rope = kv_latent.split([self.kv_lora_rank, self.qk_rope_head_dim], -1)
+        k_rope = apply_rotary(k_rope.unsqueeze(2), cos, sin)
+        kv = self.kv_b_proj(self.kv_a_layernorm(latent)).unflatten(-1, (self.num_heads, -1))
         k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], -1)
         k = torch.cat((k_nope, k_rope.expand(-1, -1, self.num_heads, -1)), -1)
 
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=self.softmax_scale
         )
-        return self.o_proj(out.transpose(1, 2).flatten(2))
+        return out.transpose(1, 2).flatten(2)
+
+    def from_latents(self, q_latent: torch.Tensor, kv_latent: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Everything after ``compress``: attention and o_proj, recomputed in backward if asked."""
+        if self.recompute_up_projections and torch.is_grad_enabled():
+            return self.o_proj(checkpoint(self.attend, q_latent, kv_latent, cos, sin, use_reentrant=False))
+        return self.o_proj(self.attend(q_latent, kv_latent, cos, sin))
+
+    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return self.from_latents(*self.compress(x_BSD), cos, sin)

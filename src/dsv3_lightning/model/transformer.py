@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from dsv3_lightning.config import ModelConfig
 from dsv3_lightning.model.attention import MultiHeadLatentAttention
@@ -37,9 +38,23 @@ class DecoderLayer(nn.Module):
         self.mlp = MoE(config) if config.is_moe_layer(layer_idx) else MLP(config.hidden_size, config.intermediate_size)
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.recompute = False
+
+    def set_recomputation(self, enabled: bool) -> None:
+        """V3's memory trick (SPEC.md §3.2): recompute the attention input's RMSNorm with the MLA
+        down-projections, and the up-projections with the attention core, in backward."""
+        self.recompute = enabled
+        self.self_attn.recompute_up_projections = enabled
+
+    def _normed_latents(self, h_BSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.self_attn.compress(self.input_layernorm(h_BSD))
 
     def forward(self, h_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        h_BSD = h_BSD + self.self_attn(self.input_layernorm(h_BSD), cos, sin)
+        if self.recompute and torch.is_grad_enabled():
+            latents = checkpoint(self._normed_latents, h_BSD, use_reentrant=False)
+        else:
+            latents = self._normed_latents(h_BSD)
+        h_BSD = h_BSD + self.self_attn.from_latents(*latents, cos, sin)
         return h_BSD + self.mlp(self.post_attention_layernorm(h_BSD))
 
 
