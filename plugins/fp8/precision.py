@@ -63,7 +63,7 @@ class FP8Precision(Precision):
         unaligned: str = "pad",
         exclude: list[str] | None = None,
     ) -> None:
-        self.recipe = FP8Recipe(recipe, pow2_scales=pow2_scales)
+        self.recipe = self.build_recipe(recipe, pow2_scales=pow2_scales)
         if unaligned not in ("pad", "skip"):
             raise ValueError(f"{_KEY}.unaligned ({unaligned!r}) must be 'pad' or 'skip'")
         self.backend = resolve_backend(backend, self.recipe)
@@ -72,6 +72,16 @@ class FP8Precision(Precision):
         self.converted: list[str] = []
         self.skipped: list[str] = []
         self.in_features: dict[str, tuple[int, ...]] = {}
+
+    def build_recipe(self, recipe: str, *, pow2_scales: bool) -> FP8Recipe:
+        """The extension point for another recipe: the ``FP8Recipe`` every converted layer uses.
+
+        Called once from ``__init__`` (before the backend is resolved) with the ``recipe`` and
+        ``pow2_scales`` arguments. Override it in a subclass to return a subclass of ``FP8Recipe``
+        (another tile or block size, another scaling rule); its ``activation`` and ``weight`` methods
+        quantize the two operands of every GEMM along the same K-block width ``block``.
+        """
+        return FP8Recipe(recipe, pow2_scales=pow2_scales)
 
     def _aligned(self, *dims: int) -> bool:
         return self.recipe.name != "blockwise" or all(d % self.recipe.block == 0 for d in dims)

@@ -57,6 +57,7 @@ class AuxLossFreeBalancing(L.Callback):
             router.pop_tokens_per_expert()
 
     def rate(self, trainer: L.Trainer) -> float:
+        """The bias step u for the current optimizer step: ``update_rate``, or 0 once frozen."""
         step = trainer.global_step
         if self.freeze_at_step is not None and step >= self.freeze_at_step:
             return 0.0
@@ -69,11 +70,22 @@ class AuxLossFreeBalancing(L.Callback):
         counts_LE = global_sum(trainer, torch.stack([r.pop_tokens_per_expert() for r in self.routers]))
         rate = self.rate(trainer)
         if rate > 0:
-            step_LE = update_bias(counts_LE, rate)
+            step_LE = self.bias_step(counts_LE, rate)
             for router, step_E in zip(self.routers, step_LE):
                 router.e_score_correction_bias += step_E.to(router.e_score_correction_bias.device)
         biases = torch.stack([r.e_score_correction_bias for r in self.routers])
         pl_module.log_dict({"train/bias_update_rate": rate, "train/bias_abs_mean": biases.abs().mean()})
+
+    def bias_step(self, counts_LE: torch.Tensor, rate: float) -> torch.Tensor:
+        """The extension point for another update rule: the change of every layer's bias this step.
+
+        ``counts_LE`` [len(self.routers), n_routed_experts] holds the tokens each expert received over the
+        global batch of the step (already summed over micro-batches and ranks, identical on every rank);
+        ``rate`` is ``self.rate(trainer)`` (> 0: not called once frozen). Return a float32 tensor of the
+        same shape, added to ``e_score_correction_bias``. The default is DeepSeek-V3's rule,
+        ``update_bias``: ``rate · sign(mean load − load)``.
+        """
+        return update_bias(counts_LE, rate)
 
 
 def update_bias(counts_LE: torch.Tensor, rate: float) -> torch.Tensor:
