@@ -17,6 +17,7 @@ import argparse
 import time
 
 import torch
+from dsv3_lightning.plugins.mtp import MultiTokenPrediction
 
 from dsv3_lightning.data import DSV3DataModule
 from dsv3_lightning.generation import generate
@@ -28,8 +29,9 @@ def main() -> None:
     parser.add_argument("checkpoint")
     parser.add_argument("--prompts", type=int, default=20)
     parser.add_argument("--new_tokens", type=int, default=64)
+    parser.add_argument("--depth", type=int, help="MTP depth, for checkpoints that do not record their heads")
     args = parser.parse_args()
-    loaded = load_trained(args.checkpoint)
+    loaded = load_trained(args.checkpoint, heads=[MultiTokenPrediction(args.depth)] if args.depth else None)
     model, (head,) = loaded.model, loaded.heads
     data = DSV3DataModule(extra_tokens=head.depth)
     data.prepare_data()

@@ -30,7 +30,7 @@ class LoadedModel:
     source: str = ""
 
 
-def load_lightning_checkpoint(path: Path) -> LoadedModel:
+def load_lightning_checkpoint(path: Path, heads: list[PredictionHead] | None = None) -> LoadedModel:
     from dsv3_lightning.module import DSV3LightningModule
 
     checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
@@ -42,7 +42,13 @@ def load_lightning_checkpoint(path: Path) -> LoadedModel:
             f"{path}: a Lightning checkpoint of another architecture (no DeepSeek-V3 model.config and "
             "model.model.* weights); pass a checkpoint written by dsv3 fit"
         )
-    module = DSV3LightningModule.load_from_checkpoint(path, map_location="cpu", weights_only=False)
+    if heads is None and "heads" not in hparams and any(k.startswith("heads.") for k in checkpoint["state_dict"]):
+        raise ValueError(
+            f"{path} holds prediction-head weights but not the heads' arguments (written before they were "
+            "saved with the hyperparameters); pass the heads, e.g. load_trained(path, heads=[MultiTokenPrediction(1)])"
+        )
+    extra = {"heads": heads} if heads is not None else {}
+    module = DSV3LightningModule.load_from_checkpoint(path, map_location="cpu", weights_only=False, **extra)
     data_state = checkpoint.get("DSV3DataModule", {})
     tokenizer = None
     if "tokenizer_json" in data_state:
@@ -56,13 +62,16 @@ def load_hf_directory(path: Path) -> LoadedModel:
     return LoadedModel(model, [], tokenizer, str(path))
 
 
-def load_trained(path: str | Path, *, tokenizer_path: str | Path | None = None) -> LoadedModel:
-    """A Lightning ``.ckpt`` or a Hugging Face directory; ``tokenizer_path`` overrides its tokenizer."""
+def load_trained(
+    path: str | Path, *, tokenizer_path: str | Path | None = None, heads: list[PredictionHead] | None = None
+) -> LoadedModel:
+    """A Lightning ``.ckpt`` or a Hugging Face directory; ``tokenizer_path`` overrides its tokenizer, and
+    ``heads`` the prediction heads a checkpoint's hyperparameters describe."""
     path = Path(path).expanduser()
     if path.is_dir():
         loaded = load_hf_directory(path)
     elif path.is_file():
-        loaded = load_lightning_checkpoint(path)
+        loaded = load_lightning_checkpoint(path, heads)
     else:
         raise FileNotFoundError(f"{path}: no such checkpoint file or Hugging Face directory")
     if tokenizer_path is not None:
