@@ -1,0 +1,67 @@
+"""Validation and test through the pipeline: a plain forward of the first chain, no schedule.
+
+Evaluation has no backward to hide bubbles behind, so it runs each window batch through the pieces of
+the first chain in order (stage s's rank receives h from stage s-1's rank, tagged, unless both stages
+are on one rank as at DualPipeV's turn). The rank of the last piece computes what
+``DSV3LightningModule._evaluate`` computes: per-token CE and top-1 hits into the module's torchmetrics
+(which the other ranks update with nothing, so that the epoch-end sync sums every rank), and the
+heads' evaluation logs, which it broadcasts so that every rank logs the same values.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from dsv3_lightning.plugins.dualpipe.runner import PipelineRunner
+
+_EVAL_TAG = 1 << 24  # apart from the training runtime's tags
+
+
+@torch.no_grad()
+def pipeline_evaluate(
+    runner: PipelineRunner, tokens: torch.Tensor, stage_name: str
+) -> dict[str, torch.Tensor]:
+    """Updates ``module.val_loss`` / ``val_accuracy`` on the last piece's rank; returns the heads' logs
+    (``{stage_name}/key``), identical on every rank."""
+    module, layout, group = runner.module, runner.layout, runner.group
+    inputs, targets = module._split(tokens)
+    chain = layout.chains[0]
+    h = None
+    last_rank = layout.stage_to_rank[chain[-1]]
+    for i, stage in enumerate(chain):
+        rank = layout.stage_to_rank[stage]
+        if rank != runner.rank:
+            continue
+        piece = runner.pieces[layout.piece(stage)]
+        if i == 0:
+            h = module.model.embed(inputs)
+        elif layout.stage_to_rank[chain[i - 1]] != rank:
+            h = torch.empty(
+                *inputs.shape,
+                module.config.hidden_size,
+                device=tokens.device,
+                dtype=module.model.model.embed_tokens.weight.dtype,
+            )
+            src = dist.get_global_rank(group, layout.stage_to_rank[chain[i - 1]])
+            dist.recv(h, src, group=group, tag=_EVAL_TAG + stage)
+        h = module.model.run_layers(h, *piece.layer_range)
+        if i + 1 < len(chain) and layout.stage_to_rank[chain[i + 1]] != rank:
+            dst = dist.get_global_rank(group, layout.stage_to_rank[chain[i + 1]])
+            dist.send(h.contiguous(), dst, group=group, tag=_EVAL_TAG + chain[i + 1])
+    logs: dict[str, torch.Tensor] = {}
+    if runner.rank == last_rank:
+        logits = module.model.head(h)
+        losses = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
+        module.val_loss.update(losses)
+        module.val_accuracy.update((logits.argmax(-1) == targets).float().flatten())
+        for head in module.heads:
+            out = head(h, tokens, module.model, stage=stage_name, step=module.global_step)
+            logs.update({f"{stage_name}/{k}": v.detach().float().cpu() for k, v in out.logs.items()})
+    else:
+        empty = torch.empty(0, device=tokens.device)
+        module.val_loss.update(empty)
+        module.val_accuracy.update(empty)
+    box = [logs]
+    dist.broadcast_object_list(box, dist.get_global_rank(group, last_rank), group=group)
+    return box[0]

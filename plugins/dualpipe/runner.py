@@ -1,0 +1,239 @@
+"""PipelineRunner: one training step of a DSV3LightningModule under a pipeline schedule, on one rank.
+
+    runner = PipelineRunner(module, plan, group)          # plan = build_plan(schedule, N, M)
+    loss, logs = runner.train_step(tokens)                 # whole batch [B, S+1+extra]; same on all ranks
+
+builds this rank's stages and the schedule that runs the plan's action lists:
+
+    1f1b        torch PipelineStage x1, torch _PipelineScheduleRuntime fed our lists (baseline_actions.py)
+    zb          torch PipelineStage x1, torch ScheduleInterleavedZeroBubble
+    dualpipev   torch PipelineStage x2, torch ScheduleDualPipeV
+    dualpipe    BidirectionalRuntime (ours), 2 pieces per rank, each piece on 2 ranks
+
+``runner.pipeline_order`` is the compute-only action lists the schedule object really runs (for the
+torch schedules, read back from it), which ``simulate`` accepts. After the schedule, every parameter
+used on more than one rank (the DualPipe copies; the embedding when MTP sits on another rank than
+it) has its gradient summed over the pipeline group; a parameter used on one rank only keeps its
+gradient there and has none elsewhere (so the optimizer leaves that rank's copy alone). Each rank
+holds the whole module (simple checkpoints, see ``full_state_dict``); only its pieces are computed.
+
+The returned loss is the mean over micro-batches of each micro-batch's training loss (CE + heads),
+the same number as the whole batch's loss when micro-batches are equal in size; it and the logs
+(``ce``, the heads' ``mtp_loss`` ...) are summed over the ranks that hold last stages and reach
+every rank, so that every rank logs the same values.
+
+torch's stages run one extra forward of the first micro-batch at their first step, to infer the
+shapes they exchange: its logs are dropped, but the routers count its tokens once (the bias update
+of AuxLossFreeBalancing sees one micro-batch more at the first step).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from dsv3_lightning.plugins.dualpipe.bidirectional_runtime import BidirectionalRuntime
+from dsv3_lightning.plugins.dualpipe.partition import build_pieces, parameter_names
+from dsv3_lightning.plugins.dualpipe.plans import SchedulePlan, compute_only, torch_schedule_class
+from torch.distributed.pipelining import PipelineStage
+from torch.distributed.pipelining.schedules import _PipelineScheduleRuntime
+
+from dsv3_lightning.module import DSV3LightningModule
+
+_KEY = "trainer.strategy.init_args"
+
+
+class _ScaledLoss:
+    """The schedules' ``loss_fn``: the last piece already returns the micro-batch's loss; weigh it 1/M.
+
+    Scaling here, not with torch's ``scale_grads`` (which divides each stage's gradients after its last
+    backward), keeps a parameter that two stages of one rank share (the embedding under DualPipeV
+    with MTP) from being divided twice.
+    """
+
+    def __init__(self, num_microbatches: int) -> None:
+        self.num_microbatches = num_microbatches
+
+    def __call__(self, loss: torch.Tensor, _target) -> torch.Tensor:
+        return loss / self.num_microbatches
+
+
+def split_microbatches(tokens: torch.Tensor, num_microbatches: int) -> list[torch.Tensor]:
+    if tokens.shape[0] % num_microbatches:
+        raise ValueError(
+            f"the batch has {tokens.shape[0]} windows, not a multiple of {_KEY}.num_microbatches "
+            f"({num_microbatches}); set data.batch_size to a multiple of {num_microbatches}"
+        )
+    return list(tokens.chunk(num_microbatches))
+
+
+def check_backend(schedule: str, backend: str) -> None:
+    if schedule == "dualpipe" and backend != "gloo":
+        raise NotImplementedError(
+            f"{_KEY}.schedule 'dualpipe' runs on our runtime, which tells its messages apart by tag: gloo "
+            f"does, {backend} matches them in order; use schedule 'dualpipev' (torch's runtime) on GPUs"
+        )
+
+
+class PipelineRunner:
+    def __init__(
+        self,
+        module: DSV3LightningModule,
+        plan: SchedulePlan,
+        group: dist.ProcessGroup | None = None,
+        device: torch.device | None = None,
+    ) -> None:
+        self.module, self.plan, self.layout = module, plan, plan.layout
+        self.group = group or dist.group.WORLD
+        self.rank = dist.get_rank(self.group)
+        if dist.get_world_size(self.group) != self.layout.num_ranks:
+            raise ValueError(
+                f"{_KEY}.pipeline_parallel_size ({self.layout.num_ranks}) must equal the number of processes "
+                f"({dist.get_world_size(self.group)}): set trainer.devices x trainer.num_nodes to it"
+            )
+        self.device = device or next(module.parameters()).device
+        self.pieces = build_pieces(
+            module, self.layout.num_pieces, schedule=plan.schedule, ranks=self.layout.num_ranks
+        )
+        self.local_stages = self.layout.stages_of(self.rank)
+        self.owners = self._owners()
+        self.full_shapes = {n: t.shape for n, t in module.state_dict().items()}
+        self.released: set[str] = set()
+        """Parameters whose storage this rank gave back (``release_unowned``)."""
+        self._schedule = None
+        self.pipeline_order: dict[int, list] = plan.actions
+
+    # ------------------------------------------------------------------ ownership
+    def _owners(self) -> dict[str, set[int]]:
+        """Parameter and buffer name -> the pipeline ranks whose pieces use it."""
+        owners: dict[str, set[int]] = {}
+        for stage, rank in self.layout.stage_to_rank.items():
+            piece = self.pieces[self.layout.piece(stage)]
+            names = parameter_names(piece, self.module)
+            ids = {id(b) for b in piece.buffers()}
+            names |= {n for n, b in self.module.named_buffers() if id(b) in ids}
+            for name in names:
+                owners.setdefault(name, set()).add(rank)
+        return owners
+
+    def local_parameter_names(self) -> set[str]:
+        return {n for n, ranks in self.owners.items() if self.rank in ranks}
+
+    @property
+    def last_pieces_here(self) -> bool:
+        return any(self.layout.is_last(s) for s in self.local_stages)
+
+    # ------------------------------------------------------------------ schedule
+    def _build(self, tokens_mb: torch.Tensor) -> None:
+        if self.plan.schedule == "dualpipe":
+            check_backend(self.plan.schedule, dist.get_backend(self.group))
+            b, s = tokens_mb.shape[0], tokens_mb.shape[1] - 1 - self.module.extra_tokens
+            dtype = self.module.model.model.embed_tokens.weight.dtype
+            hidden = (b, s, self.module.config.hidden_size)
+            self._schedule = BidirectionalRuntime(
+                self.plan, self.pieces, self.rank, self.group, hidden, dtype, self.device
+            )
+            return
+        stages = [
+            PipelineStage(
+                self.pieces[self.layout.piece(s)], s, self.layout.num_stages, self.device, group=self.group
+            )
+            for s in self.local_stages
+        ]
+        m = self.plan.num_microbatches
+        if self.plan.schedule == "1f1b":
+            schedule = _PipelineScheduleRuntime(stages, m, loss_fn=_ScaledLoss(m), scale_grads=False)
+            schedule.pipeline_order = dict(self.plan.actions)
+            schedule._prepare_schedule_with_comms(schedule.pipeline_order)
+        else:
+            schedule = torch_schedule_class(self.plan.schedule)(
+                stages, m, loss_fn=_ScaledLoss(m), scale_grads=False
+            )
+        self.pipeline_order = compute_only(schedule.pipeline_order)
+        self._schedule = schedule
+
+    def run_schedule(self, tokens: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Forward and backward of all micro-batches; local losses by micro-batch index."""
+        mbs = split_microbatches(tokens, self.plan.num_microbatches)
+        for piece in self.pieces:
+            piece.logs.clear()
+        if self._schedule is None:
+            self._build(mbs[0])
+        if isinstance(self._schedule, BidirectionalRuntime):
+            return self._schedule.step(mbs)
+        self._schedule.step(
+            tokens, tokens=tokens, target=tokens, return_outputs=False
+        )  # target: unused, required
+        last = [self.pieces[self.layout.piece(s)] for s in self.local_stages if self.layout.is_last(s)]
+        for piece in last:  # at its first step torch runs one more forward per stage to infer shapes: drop it
+            del piece.logs[: len(piece.logs) - self.plan.num_microbatches]
+        return {
+            i: log["loss"] for piece in last for i, log in enumerate(piece.logs)
+        }  # torch runs F in mb order
+
+    def sync_gradients(self) -> None:
+        """Sums over the pipeline ranks the gradients of parameters used on more than one rank."""
+        shared = [(n, p) for n, p in self.module.named_parameters() if len(self.owners.get(n, ())) > 1]
+        if not shared:
+            return
+        flat = torch.cat(
+            [
+                (p.grad if p.grad is not None else p.new_zeros(self.full_shapes[n])).reshape(-1)
+                for n, p in shared
+            ]
+        )
+        dist.all_reduce(flat, group=self.group)
+        offset = 0
+        for name, p in shared:
+            n = self.full_shapes[name].numel()
+            if self.rank in self.owners[name]:
+                p.grad = flat[offset : offset + n].view_as(p).clone()
+            offset += n
+
+    def train_step(self, tokens: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(mean loss, mean logs) over the micro-batches, identical on every rank."""
+        self.run_schedule(tokens)
+        self.sync_gradients()
+        m = self.plan.num_microbatches
+        logs = [log for piece in self.pieces for log in piece.logs]
+        gathered: list = [None] * dist.get_world_size(self.group)
+        dist.all_gather_object(gathered, sorted({k for log in logs for k in log}), group=self.group)
+        keys = sorted({k for ks in gathered for k in ks})
+        # every rank contributes its last pieces' sums; the others zeros
+        total = torch.zeros(len(keys), dtype=torch.float64)
+        for log in logs:
+            for i, k in enumerate(keys):
+                total[i] += log[k].double().cpu()
+        dist.all_reduce(total, group=self.group)
+        mean = {k: v for k, v in zip(keys, (total / m).float())}
+        return mean.pop("loss"), mean
+
+    # ------------------------------------------------------------------ memory and checkpoints
+    def release_unowned(self) -> int:
+        """Gives back the storage of the parameters no piece of this rank uses (an empty tensor keeps
+        each Parameter object, so the optimizer's references stay valid); returns the elements kept."""
+        for name, p in self.module.named_parameters():
+            if self.rank not in self.owners.get(name, ()):
+                p.data = p.data.new_empty(0)
+                self.released.add(name)
+        return sum(p.numel() for p in self.module.parameters())
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every parameter and buffer broadcast from its owning rank (the lowest that uses it); released
+        parameters arrive in new tensors (the module stays as it is)."""
+        state = self.module.state_dict()
+        for name, tensor in state.items():
+            ranks = self.owners.get(name)
+            if name in self.released:
+                tensor = state[name] = tensor.new_empty(self.full_shapes[name])
+            if ranks:
+                src = dist.get_global_rank(self.group, min(ranks))
+                dist.broadcast(tensor, src, group=self.group)
+        return state
+
+    def restore_unowned(self) -> None:
+        """Fills the released parameters again with the owners' current values (all ranks call it)."""
+        state = self.full_state_dict()
+        for name, p in self.module.named_parameters():
+            if name in self.released:
+                p.data = state[name]
+        self.released.clear()

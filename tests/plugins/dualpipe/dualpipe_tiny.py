@@ -1,0 +1,62 @@
+"""A tiny DeepSeek-V3 (hidden 32, MLA, MoE with 8 experts, MTP depth 1) and its single-process reference."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from dsv3_lightning.plugins.mtp import MultiTokenPrediction
+
+from dsv3_lightning import preset
+from dsv3_lightning.module import DSV3LightningModule
+
+SHAPE = {
+    "vocab_size": 64,
+    "hidden_size": 32,
+    "intermediate_size": 48,
+    "moe_intermediate_size": 16,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 2,
+    "q_lora_rank": 16,
+    "kv_lora_rank": 16,
+    "qk_nope_head_dim": 8,
+    "qk_rope_head_dim": 4,
+    "v_head_dim": 8,
+    "n_routed_experts": 8,
+    "num_experts_per_tok": 2,
+    "n_group": 4,
+    "topk_group": 2,
+    "max_position_embeddings": 64,
+}
+SEQ = 8
+
+
+def make_module(num_hidden_layers: int = 4, mtp: bool = True) -> DSV3LightningModule:
+    torch.manual_seed(0)
+    heads = [MultiTokenPrediction(depth=1, loss_weight=0.3)] if mtp else []
+    return DSV3LightningModule(
+        preset("tiny", **{**SHAPE, "num_hidden_layers": num_hidden_layers}),
+        heads,
+        warmup_steps=0,
+        learning_rate=1e-2,
+    )
+
+
+def make_tokens(batch: int, seed: int = 0, extra: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 64, (batch, SEQ + 1 + extra), generator=g)
+
+
+def reference(module: DSV3LightningModule, tokens: torch.Tensor, num_microbatches: int):
+    """Per-micro-batch training losses and the gradients of their mean, one process, no pipeline."""
+    module.zero_grad(set_to_none=True)
+    losses = []
+    for mb in tokens.chunk(num_microbatches):
+        inputs, targets = module._split(mb)
+        out = module.model(inputs)
+        loss = F.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten())
+        for head in module.heads:
+            loss = loss + head(out.hidden_states, mb, module.model, stage="train", step=0).loss
+        (loss / num_microbatches).backward()
+        losses.append(loss.detach())
+    grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+    return torch.stack(losses), grads
