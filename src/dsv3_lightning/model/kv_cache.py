@@ -127,7 +127,7 @@ class HeadCache(_Cache):
         return attn.o_proj(out.transpose(1, 2).flatten(2))
 
 
-def cache_class(kind: str) -> type[LatentCache] | type[HeadCache]:
+def cache_class(kind: str) -> type[LatentCache | HeadCache]:
     """``"latent"`` (absorbed, MLA's own) or ``"heads"`` (naive, for comparison)."""
     kinds = {"latent": LatentCache, "heads": HeadCache}
     if kind not in kinds:

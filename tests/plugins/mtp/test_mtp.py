@@ -198,8 +198,9 @@ def test_cached_speculative_decoding_matches_greedy_and_the_uncached_algorithm(d
     """Only tokens 0 and 1 can win, and the main model alternates them (its state is mostly the current
     token's embedding): the MTP drafts are then right at some depths and wrong at others, so
     acceptance, rejection and the caches' roll-back are all exercised."""
-    from dsv3_lightning.generation import generate
     from dsv3_lightning.plugins.mtp import speculative_generate
+
+    from dsv3_lightning.generation import generate
 
     module = make(depth)
     module.eval()
@@ -220,8 +221,9 @@ def test_cached_speculative_decoding_matches_greedy_and_the_uncached_algorithm(d
 
 
 def test_speculative_on_random_weights_equals_plain_greedy():
-    from dsv3_lightning.generation import generate
     from dsv3_lightning.plugins.mtp import speculative_generate
+
+    from dsv3_lightning.generation import generate
 
     module = make(2)
     module.eval()
@@ -234,8 +236,9 @@ def test_speculative_on_random_weights_equals_plain_greedy():
 def test_speculative_accepts_perfect_drafts():
     """With a zero output matrix every head (main and MTP, which share it) predicts token 0, so every
     draft agrees with the main model and is accepted: the acceptance bookkeeping reaches 1.0."""
-    from dsv3_lightning.generation import generate
     from dsv3_lightning.plugins.mtp import speculative_generate
+
+    from dsv3_lightning.generation import generate
 
     module = make(1)
     module.eval()
