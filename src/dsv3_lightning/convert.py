@@ -12,7 +12,9 @@ a model built on the meta device, so no tensor is copied before it is written; s
 
 Hugging Face -> .ckpt: a weights-and-tokenizer checkpoint that ``dsv3 generate``, ``dsv3 validate
 --ckpt_path`` and ``DSV3LightningModule.load_from_checkpoint`` open. MTP layers in the directory are
-attached as ``--mtp_head`` (its class path; a YAML-style default, nothing here imports it).
+attached as ``--mtp_head`` (its class path; a YAML-style default, nothing here imports it). The model
+is built on the meta device and each tensor is read into a file-backed buffer (experts one at a
+time into their stacked tensor), so the process holds about one tensor at a time.
 
 Hugging Face (DeepSeek's FP8 release, ``weight_scale_inv`` per 128x128 block) -> Hugging Face: the
 FP8 plugin's dequantizer, shard by shard.
@@ -22,6 +24,8 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
+import tempfile
 from pathlib import Path
 
 import torch
@@ -49,28 +53,53 @@ def _ckpt_to_hf(src: Path, dst: Path, max_shard_size: int) -> None:
 
 
 def _hf_to_ckpt(src: Path, dst: Path, mtp_head: str) -> None:
-    from dsv3_lightning.model.transformer import DeepSeekV3
+    """Streams: each tensor is read once into a file-backed buffer beside ``dst`` (so the kernel, not
+    the process, holds the model), then ``torch.save`` copies the buffers into the checkpoint."""
+    from dsv3_lightning.hf import CONFIG_NAME, _CheckpointReader, _read_hf_state
     from dsv3_lightning.module import DSV3LightningModule
 
-    model = DeepSeekV3.from_pretrained(src)
-    depth = len({key.split(".")[2] for key in model.mtp_checkpoint_state})
+    config = config_from_hf(json.loads((src / CONFIG_NAME).read_text()), source=str(src / CONFIG_NAME))
+    reader = _CheckpointReader(src)
+    n = config.num_hidden_layers
+    depth = len({int(k.split(".")[2]) for k in reader.weight_map if k.startswith("model.layers.")} - set(range(n)))
     heads = []
     if depth:
         module_name, _, class_name = mtp_head.rpartition(".")
         heads = [getattr(importlib.import_module(module_name), class_name)(depth)]
-    module = DSV3LightningModule(model.config, heads, init_from=str(src))
-    checkpoint = {
-        "state_dict": module.state_dict(),
-        "hyper_parameters": dict(module.hparams),
-        "hparams_name": "kwargs",
-        "pytorch-lightning_version": _lightning_version(),
-    }
-    if (src / "tokenizer.json").is_file():
-        tokenizer = (src / "tokenizer.json").read_text(encoding="utf-8")
-        checkpoint["DSV3DataModule"] = {"tokenizer_json": tokenizer, "vocab_size": model.config.vocab_size}
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    torch.save(checkpoint, tmp)
-    tmp.replace(dst)
+    with torch.device("meta"):
+        module = DSV3LightningModule(config, heads)
+    with tempfile.TemporaryDirectory(dir=dst.parent, prefix=f".{dst.name}.") as tmp:
+        buffers = iter(range(1 << 62))
+
+        def file_backed(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+            numel = math.prod(shape)
+            return torch.from_file(f"{tmp}/{next(buffers)}", shared=True, size=numel, dtype=dtype).view(shape)
+
+        # the release repeats the embedding and output matrix in every MTP layer: the model's own serve
+        copies = ("embed_tokens.weight", "shared_head.head.weight")
+        state, extra = _read_hf_state(reader, module.model.state_dict(), n, allocate=file_backed,
+                                      skip_extra=lambda key: key.endswith(copies))
+        module.model.load_state_dict(state, strict=True, assign=True)
+        module.model.reset_buffers()
+        module.model.mtp_checkpoint_state = extra
+        for head in module.heads:  # rebuilt on the CPU, from the MTP tensors just read
+            head.attach(module.model)
+        state_dict = module.state_dict()
+        unfilled = [name for name, tensor in state_dict.items() if tensor.is_meta]
+        if unfilled:
+            raise RuntimeError(f"{src}: conversion left {len(unfilled)} tensor(s) unfilled, e.g. {unfilled[:3]}")
+        checkpoint = {
+            "state_dict": state_dict,
+            "hyper_parameters": dict(module.hparams),
+            "hparams_name": "kwargs",
+            "pytorch-lightning_version": _lightning_version(),
+        }
+        if (src / "tokenizer.json").is_file():
+            tokenizer = (src / "tokenizer.json").read_text(encoding="utf-8")
+            checkpoint["DSV3DataModule"] = {"tokenizer_json": tokenizer, "vocab_size": config.vocab_size}
+        partial = Path(tmp) / "checkpoint.ckpt"
+        torch.save(checkpoint, partial)
+        partial.replace(dst)
 
 
 def _lightning_version() -> str:

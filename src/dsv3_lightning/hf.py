@@ -23,7 +23,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -190,15 +190,26 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _read_hf_state(
-    reader: _CheckpointReader, expected: Mapping[str, torch.Tensor], num_layers: int
+    reader: _CheckpointReader,
+    expected: Mapping[str, torch.Tensor],
+    num_layers: int,
+    *,
+    allocate: Callable[[torch.Size, torch.dtype], torch.Tensor] | None = None,
+    skip_extra: Callable[[str], bool] = lambda key: False,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(our state dict for the ``expected`` names, the MTP tensors of layers >= num_layers)."""
+    """(our state dict for the ``expected`` names, the MTP tensors of layers >= num_layers).
+
+    ``allocate(shape, dtype)``, when given, makes the tensor each entry is copied into (streaming
+    conversion passes file-backed memory, so that only one checkpoint tensor at a time is held);
+    ``skip_extra(key)`` leaves out MTP tensors the caller does not need.
+    """
     experts: dict[str, dict[tuple[int, str], str]] = {}
     plain, extra = {}, {}
     for key in reader.weight_map:
         layer = _LAYER_KEY.match(key)
         if layer and int(layer.group(1)) >= num_layers:
-            extra[key] = reader.get(key)
+            if not skip_extra(key):
+                extra[key] = reader.get(key)
         elif match := _EXPERT_KEY.match(key):
             experts.setdefault(match.group(1), {})[(int(match.group(2)), match.group(3))] = key
         else:
@@ -215,12 +226,17 @@ def _read_hf_state(
             if absent:
                 missing += absent
                 continue
-            per_expert = [
-                torch.cat([reader.get(keys[(e, p)]) for p in parts], dim=0) for e in range(ref.shape[0])
-            ]
-            tensor = torch.stack(per_expert)
+            tensor = None
+            for e in range(ref.shape[0]):  # one expert at a time into the stacked tensor
+                expert = torch.cat([reader.get(keys[(e, p)]) for p in parts], dim=0)
+                if tensor is None:
+                    shape = (ref.shape[0], *expert.shape)
+                    tensor = allocate(shape, expert.dtype) if allocate else torch.empty(shape, dtype=expert.dtype)
+                tensor[e] = expert
         elif name in plain:
             tensor = reader.get(plain.pop(name))
+            if allocate is not None:
+                tensor = allocate(tensor.shape, tensor.dtype).copy_(tensor)
         else:
             missing.append(name)
             continue
