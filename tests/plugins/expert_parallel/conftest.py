@@ -1,0 +1,18 @@
+"""One intra-op thread (forked ranks inherit it): on the shared 2-core machine OpenMP's spinning
+threads of 2-4 processes would otherwise slow the tiny models here by orders of magnitude."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+    if dist.is_initialized():
+        dist.destroy_process_group()

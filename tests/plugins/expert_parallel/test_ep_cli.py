@@ -1,0 +1,31 @@
+"""`dsv3 fit` with configs/ablations/expert_parallel/ep2.yaml trains 2 steps on 2 processes (the
+"popen" launcher, as users run it) and saves an ordinary full-model checkpoint (~20 s)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def test_dsv3_fit_with_ep2_yaml(tmp_path):
+    dsv3 = Path(sys.executable).parent / "dsv3"
+    command = [
+        str(dsv3), "fit",
+        "--config", str(ROOT / "configs/tiny.yaml"),
+        "--config", str(ROOT / "configs/ablations/expert_parallel/ep2.yaml"),
+        "--trainer.max_steps", "2",
+        "--trainer.default_root_dir", str(tmp_path),
+        "--trainer.logger.init_args.save_dir", str(tmp_path),
+    ]  # fmt: skip
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240, check=False)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-3000:]
+    assert "expert parallel: 1 data × 2 expert ranks; 3 MoE layer(s), 8 of 16 experts per rank" in log
+    [last] = tmp_path.rglob("last.ckpt")
+    state = torch.load(last, weights_only=False)["state_dict"]
+    assert state["model.model.layers.1.mlp.experts.gate_up_proj"].shape == (16, 256, 256)  # all experts
