@@ -5,7 +5,7 @@
 Two shapes: "moe-heavy" (hidden 512, 64 routed experts with 6 active + 1 shared, 4 layers, vocabulary
 4096) and "small" (configs/small.yaml's model). For each, our DeepSeekV3 and transformers' model built
 from the same config (``config_to_hf``) train on the same random batch in float32: forward, cross
-entropy, backward, AdamW step, interleaved round-robin after two warm-up steps, median of
+entropy, backward, fused AdamW step (the module's default, and transformers Trainer's), interleaved round-robin after two warm-up steps, median of
 ``--repeats``. Prints tokens/s, our speed over transformers', and the achieved FLOP rate (6 x activated
 non-embedding parameters per token, plus attention) as a fraction of a float32 matmul rate measured in
 the same run (a 2048 x 2048 x 2048 torch.mm).
@@ -74,7 +74,7 @@ def main() -> None:
         theirs = transformers.DeepseekV3ForCausalLM(hf_config)
         tokens = torch.randint(0, ours.config.vocab_size, (args.batch, args.seq + 1))
         models = {"ours": ours, "transformers": theirs}
-        optimizers = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, m in models.items()}
+        optimizers = {k: torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True) for k, m in models.items()}
         times = {k: [] for k in models}
 
         def step(key: str) -> None:

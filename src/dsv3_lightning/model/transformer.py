@@ -159,12 +159,20 @@ class DeepSeekV3(nn.Module):
         return [moe.gate for moe in self.moe_layers()]
 
     def num_parameters(self) -> tuple[int, int]:
-        """(total, activated per token): activated counts K of the N routed experts of each MoE layer."""
-        total = sum(p.numel() for p in self.parameters())
+        """(total, activated per token): activated counts K of the N routed experts of each MoE layer.
+
+        Counts the whole model even when expert parallelism keeps only a shard of each layer's experts
+        on this process (the per-expert size is read from the local shard).
+        """
+        moes = self.moe_layers()
+        expert_params = {id(p) for moe in moes for p in (moe.experts.gate_up_proj, moe.experts.down_proj)}
+        total = sum(p.numel() for p in self.parameters() if id(p) not in expert_params)
         inactive = 0
-        for moe in self.moe_layers():
-            per_expert = (moe.experts.gate_up_proj.numel() + moe.experts.down_proj.numel()) // moe.experts.num_experts
-            inactive += (moe.experts.num_experts - moe.gate.top_k) * per_expert
+        for moe in moes:
+            local = moe.experts.gate_up_proj.shape[0]
+            per_expert = (moe.experts.gate_up_proj.numel() + moe.experts.down_proj.numel()) // local
+            total += self.config.n_routed_experts * per_expert
+            inactive += (self.config.n_routed_experts - moe.gate.top_k) * per_expert
         return total, total - inactive
 
     # ------------------------------------------------------------------ Hugging Face interop
