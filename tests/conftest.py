@@ -1,4 +1,5 @@
-"""Suite-wide set-up that must happen before any test module imports torch or triton."""
+"""Suite-wide set-up that must happen before any test module imports torch or triton, and the
+fixtures several test folders share (a small real corpus, a clean sys.argv for the CLI)."""
 
 import os
 import shutil
@@ -7,3 +8,25 @@ import shutil
 # import it early): without a GPU, the FP8 Triton kernels are tested through it.
 if shutil.which("nvidia-smi") is None:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+import sysconfig  # noqa: E402  (after the environment set-up above)
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    """A few real documents: six standard-library modules, copied so that the tests own their corpus."""
+    root = tmp_path_factory.mktemp("corpus")
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for name in ("colorsys.py", "bisect.py", "keyword.py", "this.py", "shlex.py", "glob.py"):
+        shutil.copy(stdlib / name, root / name)
+    return root
+
+
+@pytest.fixture
+def plain_argv(monkeypatch):
+    """LightningCLI warns when called with args while sys.argv holds pytest's own."""
+    monkeypatch.setattr("sys.argv", ["dsv3"])

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import csv
-import shutil
-import sysconfig
 from pathlib import Path
 
 import lightning as L
@@ -65,19 +63,8 @@ class CrashAt(L.Callback):
 
 
 @pytest.fixture(autouse=True)
-def plain_argv(monkeypatch):
-    """LightningCLI warns when called with args while sys.argv holds pytest's own."""
-    monkeypatch.setattr("sys.argv", ["dsv3"])
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    """A few real documents: three standard-library modules, copied so the test owns its corpus."""
-    root = tmp_path_factory.mktemp("corpus")
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    for name in ("colorsys.py", "bisect.py", "keyword.py", "this.py", "shlex.py", "glob.py"):
-        shutil.copy(stdlib / name, root / name)
-    return root
+def _plain_argv(plain_argv):
+    """Every test here calls the CLI."""
 
 
 def write_config(path: Path, corpus: Path, max_steps: int) -> Path:

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from test_cli import corpus, fit, plain_argv  # noqa: F401  (fixtures)
+from test_cli import fit
 
 from dsv3_lightning.cli import main
 from dsv3_lightning.generate import run
@@ -23,8 +23,13 @@ data:
 """
 
 
+@pytest.fixture(autouse=True)
+def _plain_argv(plain_argv):
+    """Every test here calls the CLI."""
+
+
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, corpus):  # noqa: F811
+def trained(tmp_path_factory, corpus):
     root = tmp_path_factory.mktemp("trained")
     (root / "mtp.yaml").write_text(MTP)
     with pytest.MonkeyPatch.context() as mp:

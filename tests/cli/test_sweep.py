@@ -11,9 +11,7 @@ import csv
 import io
 import re
 import shlex
-import shutil
 import sys
-import sysconfig
 from pathlib import Path
 
 import pytest
@@ -89,15 +87,6 @@ def sweep(*argv: str) -> str:
     with contextlib.redirect_stdout(out):
         main([str(a) for a in argv])
     return out.getvalue()
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("corpus")
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    for name in ("colorsys.py", "bisect.py", "keyword.py", "this.py", "shlex.py", "glob.py"):
-        shutil.copy(stdlib / name, root / name)
-    return root
 
 
 @pytest.fixture(scope="module")

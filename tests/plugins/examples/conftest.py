@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-import sysconfig
 from collections.abc import Callable
 from pathlib import Path
 
@@ -54,18 +52,8 @@ data:
 
 
 @pytest.fixture(autouse=True)
-def plain_argv(monkeypatch):
-    """LightningCLI warns when called with args while sys.argv holds pytest's own."""
-    monkeypatch.setattr("sys.argv", ["dsv3"])
-
-
-@pytest.fixture(scope="session")
-def corpus(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("corpus")
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    for name in ("colorsys.py", "bisect.py", "keyword.py", "this.py", "shlex.py", "glob.py"):
-        shutil.copy(stdlib / name, root / name)
-    return root
+def _plain_argv(plain_argv):
+    """Every test here calls the CLI."""
 
 
 @pytest.fixture
