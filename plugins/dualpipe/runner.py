@@ -140,14 +140,14 @@ class PipelineRunner:
             for s in self.local_stages
         ]
         m = self.plan.num_microbatches
-        if self.plan.schedule == "1f1b":
-            schedule = _PipelineScheduleRuntime(stages, m, loss_fn=_ScaledLoss(m), scale_grads=False)
-            schedule.pipeline_order = dict(self.plan.actions)
-            schedule._prepare_schedule_with_comms(schedule.pipeline_order)
-        else:
+        if self.plan.schedule in ("zb", "dualpipev"):
             schedule = torch_schedule_class(self.plan.schedule)(
                 stages, m, loss_fn=_ScaledLoss(m), scale_grads=False
             )
+        else:  # our own action lists (1f1b, or a subclass's plan) on torch's action-list runtime
+            schedule = _PipelineScheduleRuntime(stages, m, loss_fn=_ScaledLoss(m), scale_grads=False)
+            schedule.pipeline_order = dict(self.plan.actions)
+            schedule._prepare_schedule_with_comms(schedule.pipeline_order)
         self.pipeline_order = compute_only(schedule.pipeline_order)
         self._schedule = schedule
 

@@ -42,7 +42,7 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 from dsv3_lightning.plugins.dualpipe.evaluation import pipeline_evaluate
-from dsv3_lightning.plugins.dualpipe.plans import build_plan, validate
+from dsv3_lightning.plugins.dualpipe.plans import SchedulePlan, build_plan, validate
 from dsv3_lightning.plugins.dualpipe.runner import PipelineRunner
 from lightning.pytorch.strategies import DDPStrategy
 from typing_extensions import override
@@ -125,8 +125,17 @@ class DualPipeStrategy(DDPStrategy):
                 f"trainer.callbacks with {type(self).__name__}"
             )
         super().setup(trainer)
-        plan = build_plan(self.schedule, self.pipeline_parallel_size, self.num_microbatches)
-        self.runner = PipelineRunner(module, plan, dist.group.WORLD, self.root_device)
+        self.runner = PipelineRunner(module, self.build_plan(), dist.group.WORLD, self.root_device)
+
+    def build_plan(self) -> SchedulePlan:
+        """The extension point for another schedule: every pipeline rank's compute actions.
+
+        The default is the named schedule's plan (plans.py). A subclass may return any
+        ``SchedulePlan`` on a linear layout (one stage per rank) whose action lists are valid for
+        torch.distributed.pipelining's runtime (it adds the sends and receives): it then runs, logs and
+        checkpoints like the built-in schedules, and ``simulate`` reports its bubble and memory.
+        """
+        return build_plan(self.schedule, self.pipeline_parallel_size, self.num_microbatches)
 
     def _runner(self) -> PipelineRunner:
         if self.runner is None:

@@ -26,9 +26,14 @@ class ParamsHeld(L.Callback):
         pl_module.log("params_held", float(sum(p.numel() for p in pl_module.parameters())))
 
 
-def fit(root: Path, schedule: str | None, *, max_steps: int = 3, ckpt_path: str | None = None, callbacks=()):
-    """Trains the tiny model (MoE + MTP) with 4 micro-batches on 2 pipeline ranks, or on 1 process."""
-    strategy = DualPipeStrategy(2, 4, schedule, start_method="fork") if schedule else "auto"
+def fit(root: Path, schedule: str | DualPipeStrategy | None, *, max_steps: int = 3, ckpt_path: str | None = None,
+        callbacks=()):
+    """Trains the tiny model (MoE + MTP) with 4 micro-batches on 2 pipeline ranks (a schedule's name, or a
+    strategy), or on 1 process (None)."""
+    if isinstance(schedule, str):
+        strategy = DualPipeStrategy(2, 4, schedule, start_method="fork")
+    else:
+        strategy = schedule or "auto"
     trainer = L.Trainer(
         accelerator="cpu",
         devices=2 if schedule else 1,
