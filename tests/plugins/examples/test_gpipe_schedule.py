@@ -12,8 +12,9 @@ from dsv3_lightning.plugins.dualpipe import DualPipeStrategy
 from dsv3_lightning.plugins.dualpipe.simulator import ChunkCosts, simulate
 from dsv3_lightning.plugins.examples.gpipe_schedule import GPipeStrategy
 
+# the DualPipe tests' 2-process Lightning run
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "dualpipe"))
-from test_strategy import fit  # noqa: E402  (the DualPipe tests' 2-process Lightning run)
+from test_strategy import fit
 
 EXAMPLE = Path(__file__).resolve().parents[3] / "plugins/examples/gpipe_schedule.yaml"
 
