@@ -22,7 +22,7 @@ FP8 plugin's dequantizer, shard by shard.
 
 from __future__ import annotations
 
-import importlib
+import itertools
 import json
 import math
 import tempfile
@@ -30,19 +30,15 @@ from pathlib import Path
 
 import torch
 
-from dsv3_lightning.hf import config_from_hf
+from dsv3_lightning.config import ModelConfig
+from dsv3_lightning.heads import build_head
+from dsv3_lightning.hf import config_from_hf, extra_layer_indices
+from dsv3_lightning.loading import module_from_checkpoint
 
 
 def _ckpt_to_hf(src: Path, dst: Path, max_shard_size: int) -> None:
-    from dsv3_lightning.module import DSV3LightningModule
-
     checkpoint = torch.load(src, map_location="cpu", weights_only=False, mmap=True)
-    if not isinstance(checkpoint, dict) or "config" not in checkpoint.get("hyper_parameters", {}):
-        raise ValueError(f"{src}: not a dsv3 Lightning checkpoint (no hyper_parameters.config)")
-    with torch.device("meta"):
-        module = DSV3LightningModule.from_hparams(checkpoint["hyper_parameters"])
-    module.load_state_dict(checkpoint["state_dict"], strict=True, assign=True)
-    module.model.reset_buffers()
+    module = module_from_checkpoint(checkpoint, str(src))
     extra = {}
     for head in module.heads:
         extra.update(head.hf_state_dict(module.model))
@@ -52,24 +48,20 @@ def _ckpt_to_hf(src: Path, dst: Path, max_shard_size: int) -> None:
         (dst / "tokenizer.json").write_text(tokenizer, encoding="utf-8")
 
 
-def _hf_to_ckpt(src: Path, dst: Path, mtp_head: str) -> None:
+def _hf_to_ckpt(src: Path, dst: Path, config: ModelConfig, mtp_head: str) -> None:
     """Streams: each tensor is read once into a file-backed buffer beside ``dst`` (so the kernel, not
     the process, holds the model), then ``torch.save`` copies the buffers into the checkpoint."""
-    from dsv3_lightning.hf import CONFIG_NAME, _CheckpointReader, _read_hf_state
+    from dsv3_lightning.hf import _CheckpointReader, _read_hf_state
     from dsv3_lightning.module import DSV3LightningModule
 
-    config = config_from_hf(json.loads((src / CONFIG_NAME).read_text()), source=str(src / CONFIG_NAME))
     reader = _CheckpointReader(src)
     n = config.num_hidden_layers
-    depth = len({int(k.split(".")[2]) for k in reader.weight_map if k.startswith("model.layers.")} - set(range(n)))
-    heads = []
-    if depth:
-        module_name, _, class_name = mtp_head.rpartition(".")
-        heads = [getattr(importlib.import_module(module_name), class_name)(depth)]
+    depth = len(extra_layer_indices(reader.weight_map, n))
+    heads = [build_head({"class_path": mtp_head, "init_args": {"depth": depth}})] if depth else []
     with torch.device("meta"):
         module = DSV3LightningModule(config, heads)
     with tempfile.TemporaryDirectory(dir=dst.parent, prefix=f".{dst.name}.") as tmp:
-        buffers = iter(range(1 << 62))
+        buffers = itertools.count()
 
         def file_backed(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
             numel = math.prod(shape)
@@ -133,10 +125,10 @@ def convert(src: str, dst: str, max_shard_size: int = 5 * 2**30,
 
             dequantize_checkpoint(source, target, dtype=torch.float32)
             return
-        config_from_hf(config, source=str(source / "config.json"))  # refuses other architectures early
+        model_config = config_from_hf(config, source=str(source / "config.json"))  # refuses other architectures
         if target.suffix != ".ckpt":
             raise ValueError(f"{dst}: converting a Hugging Face directory gives a Lightning checkpoint; name a .ckpt file")
-        _hf_to_ckpt(source, target, mtp_head)
+        _hf_to_ckpt(source, target, model_config, mtp_head)
     else:
         raise FileNotFoundError(f"{src}: no such checkpoint file or directory")
 

@@ -23,7 +23,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -187,6 +187,11 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path}: not valid JSON ({err})") from err
+
+
+def extra_layer_indices(keys: Iterable[str], num_hidden_layers: int) -> set[int]:
+    """The layer indices >= ``num_hidden_layers`` among checkpoint ``keys``: the release's MTP modules."""
+    return {int(m.group(1)) for key in keys if (m := _LAYER_KEY.match(key)) and int(m.group(1)) >= num_hidden_layers}
 
 
 def _read_hf_state(
@@ -360,7 +365,7 @@ def save_pretrained(
     dtype = next(p.dtype for p in model.parameters())
     hf_config = config_to_hf(config, dtype=dtype)
     # MTP modules are layers N.. N+D-1; transformers and DeepSeek read D from num_nextn_predict_layers
-    extra_layers = {int(k.split(".")[2]) for k in extra_state if k.startswith("model.layers.")}
+    extra_layers = extra_layer_indices(extra_state, config.num_hidden_layers)
     if extra_layers:
         hf_config["num_nextn_predict_layers"] = len(extra_layers)
     _atomic(path / CONFIG_NAME, lambda tmp: tmp.write_text(json.dumps(hf_config, indent=2)))
@@ -375,4 +380,7 @@ def _atomic(target: Path, write) -> None:
         tmp.unlink(missing_ok=True)
 
 
-__all__ = ["config_from_hf", "config_to_hf", "load_pretrained", "save_pretrained", "state_dict_to_hf"]
+__all__ = [
+    "config_from_hf", "config_to_hf", "extra_layer_indices", "load_pretrained", "save_pretrained",
+    "state_dict_to_hf",
+]

@@ -30,25 +30,45 @@ class LoadedModel:
     source: str = ""
 
 
-def load_lightning_checkpoint(path: Path, heads: list[PredictionHead] | None = None) -> LoadedModel:
+def module_from_checkpoint(checkpoint: dict, source: str, heads: list[PredictionHead] | None = None):
+    """The DSV3LightningModule a loaded ``.ckpt`` dict describes, its tensors assigned, not copied.
+
+    Built on the meta device from the checkpoint's hyperparameters (``heads`` replaces the heads they
+    describe), then every tensor is the checkpoint's own (memory-mapped when the checkpoint was loaded
+    with ``mmap=True``), so opening or converting a model costs no second copy of it.
+    """
     from dsv3_lightning.module import DSV3LightningModule
 
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise ValueError(f"{path}: not a Lightning checkpoint (no 'state_dict'); pass a .ckpt written by dsv3 fit")
-    hparams = checkpoint.get("hyper_parameters", {})
+        raise ValueError(f"{source}: not a Lightning checkpoint (no 'state_dict'); pass a .ckpt written by dsv3 fit")
+    hparams = dict(checkpoint.get("hyper_parameters", {}))
     if "config" not in hparams or not any(k.startswith("model.model.embed_tokens") for k in checkpoint["state_dict"]):
         raise ValueError(
-            f"{path}: a Lightning checkpoint of another architecture (no DeepSeek-V3 model.config and "
+            f"{source}: a Lightning checkpoint of another architecture (no DeepSeek-V3 model.config and "
             "model.model.* weights); pass a checkpoint written by dsv3 fit"
         )
     if heads is None and "heads" not in hparams and any(k.startswith("heads.") for k in checkpoint["state_dict"]):
         raise ValueError(
-            f"{path} holds prediction-head weights but not the heads' arguments (written before they were "
+            f"{source} holds prediction-head weights but not the heads' arguments (written before they were "
             "saved with the hyperparameters); pass the heads, e.g. load_trained(path, heads=[MultiTokenPrediction(1)])"
         )
-    extra = {"heads": heads} if heads is not None else {}
-    module = DSV3LightningModule.load_from_checkpoint(path, map_location="cpu", weights_only=False, **extra)
+    if heads is not None:
+        hparams["heads"] = heads
+    with torch.device("meta"):
+        module = DSV3LightningModule.from_hparams(hparams)
+    module.load_state_dict(checkpoint["state_dict"], strict=True, assign=True)
+    module.model.reset_buffers()
+    device = module.model.lm_head.weight.device
+    for part in module.heads.modules():  # the heads' derived buffers (their routers' step counts)
+        if hasattr(part, "reset_buffers"):
+            part.reset_buffers(device)
+    return module
+
+
+def load_lightning_checkpoint(path: Path, heads: list[PredictionHead] | None = None) -> LoadedModel:
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    module = module_from_checkpoint(checkpoint, str(path), heads)
+    module.to(torch.get_default_dtype())  # as a module built for training would hold them
     data_state = checkpoint.get("DSV3DataModule", {})
     tokenizer = None
     if "tokenizer_json" in data_state:
@@ -79,4 +99,4 @@ def load_trained(
     return loaded
 
 
-__all__ = ["LoadedModel", "load_trained"]
+__all__ = ["LoadedModel", "load_trained", "module_from_checkpoint"]
