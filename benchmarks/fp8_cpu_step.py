@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
-import time
 
 import torch
 from dsv3_lightning.plugins.fp8 import FP8Precision
+from interleave import interleaved_medians
 
 from dsv3_lightning import preset
 from dsv3_lightning.module import DSV3LightningModule
@@ -36,7 +35,6 @@ def main() -> None:
         variants[f"fp8 {recipe}"] = module
     optimizers = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, m in variants.items()}
     tokens = torch.randint(0, 4096, (8, 257), generator=torch.Generator().manual_seed(0))
-    times = {k: [] for k in variants}
 
     def step(name: str) -> None:
         module = variants[name]
@@ -46,19 +44,12 @@ def main() -> None:
         optimizers[name].step()
         optimizers[name].zero_grad()
 
-    for name in variants:  # warm-up
-        step(name)
-    for _ in range(args.repeats):
-        for name in variants:
-            start = time.perf_counter()
-            step(name)
-            times[name].append(time.perf_counter() - start)
-    ref = statistics.median(times["float32"])
+    medians = interleaved_medians({name: lambda name=name: step(name) for name in variants}, args.repeats)
+    ref = medians["float32"]
     print(f"\ntiny model, batch 8 x 256, {args.repeats} interleaved repeats, {torch.get_num_threads()} threads\n")
     print("| variant | s/step (median) | vs float32 |")
     print("|---|---|---|")
-    for name, values in times.items():
-        median = statistics.median(values)
+    for name, median in medians.items():
         print(f"| {name} | {median:.3f} | {median / ref:.2f}x |")
 
 

@@ -11,12 +11,11 @@ step and the ratio to MTP off. The losses are the module's own: main cross-entro
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 from dsv3_lightning.plugins.mtp import MultiTokenPrediction
+from interleave import interleaved_medians
 
 from dsv3_lightning import preset
 from dsv3_lightning.module import DSV3LightningModule
@@ -32,7 +31,6 @@ def main() -> None:
         variants[depth] = DSV3LightningModule(preset("tiny"), [MultiTokenPrediction(depth)] if depth else None)
     optimizers = {d: torch.optim.AdamW(m.parameters(), lr=1e-4) for d, m in variants.items()}
     tokens = torch.randint(0, 4096, (8, 259), generator=torch.Generator().manual_seed(0))
-    times = {d: [] for d in variants}
 
     def step(depth: int) -> None:
         module = variants[depth]
@@ -45,19 +43,12 @@ def main() -> None:
         optimizers[depth].step()
         optimizers[depth].zero_grad()
 
-    for depth in variants:  # warm-up
-        step(depth)
-    for _ in range(args.repeats):
-        for depth in variants:
-            start = time.perf_counter()
-            step(depth)
-            times[depth].append(time.perf_counter() - start)
-    ref = statistics.median(times[0])
+    medians = interleaved_medians({d: lambda d=d: step(d) for d in variants}, args.repeats)
+    ref = medians[0]
     print(f"\ntiny model, batch 8 x 256, {args.repeats} interleaved repeats, {torch.get_num_threads()} threads\n")
     print("| MTP | s/step (median) | vs off |")
     print("|---|---|---|")
-    for depth, values in times.items():
-        median = statistics.median(values)
+    for depth, median in medians.items():
         print(f"| {'off' if depth == 0 else f'D={depth}'} | {median:.3f} | {median / ref:.2f}x |")
 
 

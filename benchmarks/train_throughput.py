@@ -14,11 +14,10 @@ the same run (a 2048 x 2048 x 2048 torch.mm).
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
+from interleave import interleaved_medians
 
 from dsv3_lightning import DeepSeekV3, preset
 from dsv3_lightning.hf import config_to_hf
@@ -36,13 +35,7 @@ SHAPES = {
 
 def gemm_rate(repeats: int = 5) -> float:
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    a @ b
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - start)
-    return 2 * 2048**3 / statistics.median(times)
+    return 2 * 2048**3 / interleaved_medians({"matmul": lambda: a @ b}, repeats)["matmul"]
 
 
 def flops_per_step(model: DeepSeekV3, batch: int, seq: int) -> float:
@@ -75,7 +68,6 @@ def main() -> None:
         tokens = torch.randint(0, ours.config.vocab_size, (args.batch, args.seq + 1))
         models = {"ours": ours, "transformers": theirs}
         optimizers = {k: torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True) for k, m in models.items()}
-        times = {k: [] for k in models}
 
         def step(key: str) -> None:
             logits = models[key](tokens[:, :-1]).logits
@@ -83,16 +75,9 @@ def main() -> None:
             optimizers[key].step()
             optimizers[key].zero_grad()
 
-        for key in models:
-            step(key)
-            step(key)
-        for _ in range(args.repeats):
-            for key in models:
-                start = time.perf_counter()
-                step(key)
-                times[key].append(time.perf_counter() - start)
+        medians = interleaved_medians({k: lambda k=k: step(k) for k in models}, args.repeats, warmup=2)
         n = args.batch * args.seq
-        ours_s, theirs_s = statistics.median(times["ours"]), statistics.median(times["transformers"])
+        ours_s, theirs_s = medians["ours"], medians["transformers"]
         achieved = flops_per_step(ours, args.batch, args.seq) / ours_s
         print(f"| {name} | {n / ours_s:,.0f} | {n / theirs_s:,.0f} | {theirs_s / ours_s:.2f}x | {achieved / rate:.0%} |")
 
