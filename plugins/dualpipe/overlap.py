@@ -12,16 +12,21 @@ where such an interleaving plugs in:
 
     runtime.overlap = MyOverlap()            # BidirectionalRuntime (schedule "dualpipe")
 
-``run_sequentially`` (the default) runs the forward, then the backward. Not implemented yet: a hook
-that really interleaves the parts, which needs expert parallelism's all-to-all dispatcher issued
-asynchronously, and a measurement of the communication time it hides; torch's runtime (dualpipev)
-also runs its OVERLAP_F_B sub-actions one after the other.
+``run_sequentially`` (the default) runs the forward, then the backward. ``InterleavedOverlap`` runs
+them as a ``ChunkInterleaver`` pair (interleaver.py): the forward computes until it issues an
+expert-parallel all-to-all, which starts asynchronously while the backward computes, until the
+backward issues one, and so on; the collectives' ``Comm.overlap`` must be the same interleaver
+(``attach``). Without expert parallelism in the pieces there is nothing to hide and the pair runs as
+the sequential one. torch's runtime (dualpipev) runs its OVERLAP_F_B sub-actions one after the other.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Protocol
 
+from dsv3_lightning.plugins.dualpipe.interleaver import ChunkInterleaver
+from dsv3_lightning.plugins.expert_parallel.dispatcher import AllToAllTokenDispatcher
+from torch import nn
 from torch.distributed.pipelining.schedules import _Action
 
 if TYPE_CHECKING:
@@ -36,3 +41,24 @@ class OverlapHook(Protocol):
 def run_sequentially(runtime: BidirectionalRuntime, forward: _Action, backward: _Action) -> None:
     runtime.run_action(forward)
     runtime.run_action(backward)
+
+
+class InterleavedOverlap:
+    """An OverlapHook that runs each (F;B) pair in turns, hiding each chunk's all-to-alls under the other."""
+
+    def __init__(self, interleaver: ChunkInterleaver | None = None) -> None:
+        self.interleaver = interleaver or ChunkInterleaver()
+
+    def attach(self, module: nn.Module) -> int:
+        """Routes the all-to-alls of every expert-parallel MoE layer of ``module`` through this hook's
+        interleaver; returns how many layers it found."""
+        count = 0
+        for m in module.modules():
+            dispatcher = getattr(m, "dispatcher", None)
+            if isinstance(dispatcher, AllToAllTokenDispatcher):
+                dispatcher.comm.overlap = self.interleaver
+                count += 1
+        return count
+
+    def __call__(self, runtime: BidirectionalRuntime, forward: _Action, backward: _Action) -> None:
+        self.interleaver.run_pair(lambda: runtime.run_action(forward), lambda: runtime.run_action(backward))

@@ -15,12 +15,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import torch
 import torch.distributed as dist
 
 T = TypeVar("T")
+
+
+class AsyncWait(Protocol):
+    """Where an all-to-all started asynchronously waits for its data (dualpipe's ChunkInterleaver,
+    which lets another chunk compute meanwhile)."""
+
+    def wait(self, work: dist.Work, what: str) -> None: ...
 
 
 @dataclass
@@ -31,6 +38,9 @@ class Comm:
     timeout_s: float
     where: str
     """e.g. "layer model.model.layers.1.mlp", named in errors."""
+    overlap: AsyncWait | None = None
+    """None: the all-to-alls block where they are issued. Otherwise they start asynchronously and wait
+    in ``overlap.wait`` (set by a pipeline that overlaps a forward and a backward chunk)."""
 
 
 class ExpertParallelCommError(RuntimeError):
@@ -53,18 +63,25 @@ def collective(comm: Comm, what: str, fn: Callable[[], T]) -> T:
 def all_to_all_counts(counts: torch.Tensor, comm: Comm) -> torch.Tensor:
     """Equal-split exchange of a 1-D count tensor (no autograd): row blocks of len(counts)/group size."""
     out = torch.empty_like(counts)
-    collective(comm, "count exchange", lambda: dist.all_to_all_single(out, counts.contiguous(), group=comm.group))
+    _all_to_all_single(comm, "count exchange", out, counts.contiguous())
     return out
+
+
+def _all_to_all_single(comm: Comm, what: str, out: torch.Tensor, x: torch.Tensor, out_splits=None, in_splits=None):
+    def run() -> None:
+        if comm.overlap is None:
+            dist.all_to_all_single(out, x, out_splits, in_splits, group=comm.group)
+        else:
+            work = dist.all_to_all_single(out, x, out_splits, in_splits, group=comm.group, async_op=True)
+            comm.overlap.wait(work, what)
+
+    collective(comm, what, run)
 
 
 def exchange(x: torch.Tensor, output_splits: list[int], input_splits: list[int], comm: Comm, what: str):
     """The uneven all-to-all of the rows of ``x`` without autograd (any dtype the backend moves)."""
     out = x.new_empty((sum(output_splits), *x.shape[1:]))
-    collective(
-        comm,
-        what,
-        lambda: dist.all_to_all_single(out, x.contiguous(), output_splits, input_splits, group=comm.group),
-    )
+    _all_to_all_single(comm, what, out, x.contiguous(), output_splits, input_splits)
     return out
 
 
