@@ -14,12 +14,16 @@ under computation and the bubbles shrink to (PP/2-1)(F&B+B-3W). This package:
 - partition.py: the model cut by layer ranges (embedding first; norm, lm_head and MTP last);
 - runner.py, bidirectional_runtime.py, evaluation.py: one training step / evaluation on a rank;
   overlap.py: the seam where a forward and a backward chunk of a (F;B) pair run together;
+- mesh.py, grad_sync.py: the pipeline x expert x data mesh (expert parallelism and data-parallel
+  copies of the pipeline, with expert_parallel's sharding and all-to-all dispatcher) and the
+  reduction and clipping of its gradients;
 - strategy.py: ``DualPipeStrategy``, the Lightning strategy (``trainer.strategy`` in YAML).
 
-Differences from DeepSeek's DualPipe: the (F;B) pairs run one after the other; the attention /
-dispatch / MLP / combine interleaving that hides expert-parallel communication is not implemented,
-nor is expert parallelism inside the pipeline (refused). The two-copy runtime matches messages by
-tag, which gloo honours; NCCL matches point-to-point messages in order, and is untested here.
+Differences from DeepSeek's DualPipe: DualPipeStrategy runs the (F;B) pairs one after the other, so
+with expert parallelism the all-to-alls are not hidden under the other chunk (overlap.py's
+``InterleavedOverlap`` does that for the two-copy runtime; the strategy does not select it yet). The
+two-copy runtime matches messages by tag, which gloo honours; NCCL matches point-to-point messages in
+order, and is untested here.
 """
 
 from dsv3_lightning.plugins.dualpipe.plans import SCHEDULES, SchedulePlan, build_plan

@@ -6,45 +6,69 @@
         class_path: dsv3_lightning.plugins.dualpipe.DualPipeStrategy
         init_args: {pipeline_parallel_size: 2, num_microbatches: 4, schedule: dualpipev}
 
-One process per pipeline rank (``devices x num_nodes == pipeline_parallel_size``); every rank reads
-the same batch, cut into ``num_microbatches``. The strategy is DDP's process handling (launch,
-process group, barrier, reduce) without the DDP wrapper, and replaces the step:
+The processes form a pipeline x expert x data mesh (mesh.py): ``trainer.devices x num_nodes`` = P x E
+x D, with P = ``pipeline_parallel_size``, E = ``expert_parallel_size`` (default 1) and D data-parallel
+replicas (the rest; default 1). Each of the E x D pipelines reads its own slice of the global batch
+(the distributed sampler's replica), the same on its P ranks, cut into ``num_microbatches``. With
+E > 1 the routed experts of every MoE layer are sharded over the E ranks at each pipeline position,
+which exchange tokens by all-to-all (expert_parallel's sharding and dispatcher). The strategy is DDP's
+process handling (launch, process group, barrier, reduce) without the DDP wrapper, and replaces the step:
 
 - ``training_step`` runs the whole schedule (PipelineRunner: forward and backward of every
-  micro-batch, gradients of shared parameters summed), logs ``train/loss``, ``train/ce`` and the
-  heads' logs (equal on every rank, from the last stages), and sets the computed gradients aside:
-  Lightning zeroes gradients between ``training_step`` and ``backward``;
-- ``backward`` puts them back instead of differentiating, and clips by the *global* norm over all
-  pipeline ranks when ``gradient_clip_algorithm`` is "norm" (Lightning's own clipping, which sees
-  one rank's gradients, then finds nothing to clip);
-- ``validation_step`` / ``test_step`` run a forward through the pieces (evaluation.py);
+  micro-batch, gradients of shared parameters summed over the pipeline), reduces the gradients over
+  the pipelines to the global batch's (grad_sync.py), logs ``train/loss``, ``train/ce`` and the heads'
+  logs (from the last stages, averaged over the pipelines: equal on every rank), and sets the
+  gradients aside: Lightning zeroes gradients between ``training_step`` and ``backward``;
+- ``backward`` puts them back instead of differentiating, and clips by the *global* norm over the
+  whole model (every position, every expert shard) when ``gradient_clip_algorithm`` is "norm"
+  (Lightning's own clipping, which sees one rank's gradients, then finds nothing to clip);
+- ``validation_step`` / ``test_step`` run a forward through the pieces (evaluation.py), heads' logs
+  averaged over the pipelines;
 - checkpoints hold the full model: ``lightning_module_state_dict`` broadcasts each tensor from the
-  rank that trains it, ``optimizer_state`` gathers each parameter's state from that rank. A
-  checkpoint is therefore an ordinary single-process checkpoint, loadable with any number of stages.
+  rank that trains it and gathers the expert shards, ``optimizer_state`` does the same for each
+  parameter's state. A checkpoint is therefore an ordinary single-process checkpoint, loadable with any
+  number of stages and expert ranks, and in a plain run.
 
-A checkpoint loads into the whole module on every rank (before training starts, so loading is the
-plain one); at ``on_train_start`` each rank releases the parameters (and optimizer state) of the pieces
+A checkpoint loads into the whole module on every rank (before setup shards the experts and before
+training starts, so loading is the plain one; the optimizer state is sliced to the shards); at ``on_train_start`` each rank releases the parameters (and optimizer state) of the pieces
 it does not run, keeping each Parameter as an empty tensor that the optimizer skips (it never has a
-gradient), and ``on_train_end`` fills them again from their owners. Not supported yet, each
-refused with the fix: loss terms registered by callbacks (sequence-wise balance loss), gradient
-accumulation (the micro-batches are the accumulation), data parallelism beside the pipeline, expert
-parallelism (``expert_parallel_size``), ``predict``. Callbacks that read every router's last forward
-(ExpertLoadMonitor) see only the local stages' routers and the last micro-batch: leave them out.
+gradient), and ``on_train_end`` fills them again from their owners; at teardown the expert shards are
+gathered back, so that every rank's module is whole again. Not supported yet, each refused with the
+fix: loss terms registered by callbacks (sequence-wise balance loss), gradient accumulation (the
+micro-batches are the accumulation), ``predict``. Callbacks that read every router's last forward
+(ExpertLoadMonitor) see only the local stages' routers and the last micro-batch: leave them out. With
+expert parallelism, each (F;B) pair runs one chunk after the other (the all-to-alls are not hidden; the
+strategy does not select overlap.py's InterleavedOverlap yet), and the dispatch is not FP8.
 """
 
 from __future__ import annotations
 
 import logging
-import math
+from datetime import timedelta
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 from dsv3_lightning.plugins.dualpipe.evaluation import pipeline_evaluate
+from dsv3_lightning.plugins.dualpipe.grad_sync import clip_global_norm, reduce_gradients
+from dsv3_lightning.plugins.dualpipe.mesh import PipelineMesh, mesh_shape
 from dsv3_lightning.plugins.dualpipe.plans import SchedulePlan, build_plan, validate
 from dsv3_lightning.plugins.dualpipe.runner import PipelineRunner
+from dsv3_lightning.plugins.expert_parallel.all_to_all import Comm
+from dsv3_lightning.plugins.expert_parallel.sharding import (
+    ExpertShard,
+    full_optimizer_state,
+    full_state_dict,
+    local_optimizer_state,
+    local_state_dict,
+    unshard_experts,
+)
+from dsv3_lightning.plugins.expert_parallel.strategy import check_model
+from lightning.pytorch.core.optimizer import LightningOptimizer
+from lightning.pytorch.overrides.distributed import _sync_module_states
 from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 _KEY = "trainer.strategy.init_args"
@@ -55,12 +79,17 @@ class DualPipeStrategy(DDPStrategy):
     """Pipeline-parallel training with a DualPipe-family schedule.
 
     Args:
-        pipeline_parallel_size: Pipeline ranks; must equal ``trainer.devices x trainer.num_nodes``.
-        num_microbatches: Micro-batches per optimizer step; ``data.batch_size`` must be a multiple.
+        pipeline_parallel_size: Pipeline ranks (positions); ``trainer.devices x trainer.num_nodes`` must
+            be a multiple of ``pipeline_parallel_size x expert_parallel_size`` (the rest is data
+            parallelism: whole copies of the pipeline).
+        num_microbatches: Micro-batches per optimizer step; each pipeline's batch (``data.batch_size``)
+            must be a multiple.
         schedule: "dualpipev" (DeepSeek's V-shaped DualPipe, 2 stages per rank), "dualpipe" (the
             bidirectional original, every stage on two ranks), "1f1b" or "zb" (baselines).
-        expert_parallel_size: Expert parallelism inside the pipeline (a pipeline x expert x data
-            mesh); only 1 is supported yet.
+        expert_parallel_size: Ranks at each pipeline position that share one copy of the routed
+            experts, exchanging tokens by all-to-all; ``model.config.n_routed_experts`` must be a
+            multiple. 1: every rank holds all experts.
+        timeout: Seconds a collective may wait before the run fails with a clear error.
         start_method: How the processes start: "popen" (re-run the command, as ``dsv3 fit``), "spawn"
             or "fork" (in-process launch, for notebooks and tests).
     """
@@ -74,42 +103,89 @@ class DualPipeStrategy(DDPStrategy):
         schedule: Literal["dualpipev", "dualpipe", "1f1b", "zb"] = "dualpipev",
         *,
         expert_parallel_size: int = 1,
+        timeout: float = 1800.0,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
         **kwargs: Any,
     ) -> None:
         validate(schedule, pipeline_parallel_size, num_microbatches)
-        if expert_parallel_size != 1:
-            raise NotImplementedError(
-                f"{_KEY}.expert_parallel_size ({expert_parallel_size}) > 1: the pipeline x expert x data mesh is "
-                "not implemented yet; set it to 1 (pipeline only), or train with ExpertParallelStrategy "
-                "(dsv3_lightning.plugins.expert_parallel) without pipeline parallelism"
-            )
-        super().__init__(start_method=start_method, **kwargs)
+        if expert_parallel_size < 1:
+            raise ValueError(f"{_KEY}.expert_parallel_size ({expert_parallel_size}) must be >= 1")
+        if timeout <= 0:
+            raise ValueError(f"{_KEY}.timeout ({timeout}) must be a positive number of seconds")
+        super().__init__(start_method=start_method, timeout=timedelta(seconds=timeout), **kwargs)
         self.pipeline_parallel_size = pipeline_parallel_size
         self.num_microbatches = num_microbatches
         self.schedule = schedule
+        self.expert_parallel_size = expert_parallel_size
+        self.timeout_s = float(timeout)
         self.runner: PipelineRunner | None = None
+        self._mesh: PipelineMesh | None = None
+        self._shards: list[ExpertShard] = []
+        self._failed = False
         self._grads: dict[torch.nn.Parameter, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ checks before launch
+    @override
+    def set_world_ranks(self) -> None:
+        super().set_world_ranks()
+        mesh_shape(
+            self.num_nodes * self.num_processes, self.pipeline_parallel_size, self.expert_parallel_size
+        )
+
+    @override
+    def connect(self, model: pl.LightningModule) -> None:
+        if self.expert_parallel_size > 1:
+            check_model(
+                model,
+                self.expert_parallel_size,
+                strategy=f"{type(self).__name__} with {_KEY}.expert_parallel_size {self.expert_parallel_size}",
+                instead=f"set {_KEY}.expert_parallel_size to 1",
+            )
+        super().connect(model)
 
     # ------------------------------------------------------------------ setup
     @property
     @override
     def distributed_sampler_kwargs(self) -> dict[str, Any]:
-        return {"num_replicas": 1, "rank": 0}  # every pipeline rank reads the same batch
+        """Pipeline i of the E x D reads replica i; the P ranks of a pipeline read the same slice."""
+        pipelines = self.num_nodes * self.num_processes // self.pipeline_parallel_size
+        return {"num_replicas": pipelines, "rank": self.global_rank % pipelines}
+
+    @property
+    def mesh(self) -> PipelineMesh:
+        if self._mesh is None:
+            raise RuntimeError(
+                f"{type(self).__name__}.mesh exists only after Trainer setup (no process group yet)"
+            )
+        return self._mesh
+
+    def _build_mesh(self) -> None:
+        """The process groups and this rank's expert shards (once, before the optimizers exist)."""
+        if self._mesh is not None:
+            return
+        module = self.lightning_module
+        _sync_module_states(module)  # one initialisation everywhere (what DDP's wrapper would do)
+        self._mesh = mesh = PipelineMesh.create(
+            self.pipeline_parallel_size, self.expert_parallel_size, self.timeout_s
+        )
+        self._shards = mesh.shard_experts(module)
+        experts = (
+            f", {self._shards[0].num_local_experts} of {self._shards[0].num_experts} experts per rank in "
+            f"{len(self._shards)} MoE layer(s)"
+            if self._shards
+            else ""
+        )
+        rank_zero_info(
+            f"dualpipe: {mesh.pipeline_parallel_size} pipeline x {mesh.expert_parallel_size} expert x "
+            f"{mesh.data_parallel_size} data ranks{experts}"
+        )
 
     @override
     def configure_ddp(self) -> None:
-        pass  # no DDP wrapper: the pipeline owns the gradients
+        self._build_mesh()  # no DDP wrapper: the pipeline and grad_sync.py own the gradients
 
     @override
     def setup(self, trainer: pl.Trainer) -> None:
-        world = self.num_nodes * self.num_processes
-        if world != self.pipeline_parallel_size:
-            raise ValueError(
-                f"{_KEY}.pipeline_parallel_size ({self.pipeline_parallel_size}) must equal trainer.devices x "
-                f"trainer.num_nodes ({world}): data parallelism beside the pipeline is not supported yet; set "
-                f"trainer.devices to {self.pipeline_parallel_size}"
-            )
         if trainer.accumulate_grad_batches != 1:
             raise NotImplementedError(
                 f"trainer.accumulate_grad_batches ({trainer.accumulate_grad_batches}) is not supported with "
@@ -125,7 +201,8 @@ class DualPipeStrategy(DDPStrategy):
                 f"trainer.callbacks with {type(self).__name__}"
             )
         super().setup(trainer)
-        self.runner = PipelineRunner(module, self.build_plan(), dist.group.WORLD, self.root_device)
+        self._build_mesh()  # validate / test: no configure_ddp
+        self.runner = PipelineRunner(module, self.build_plan(), self.mesh.pipeline_group, self.root_device)
 
     def build_plan(self) -> SchedulePlan:
         """The extension point for another schedule: every pipeline rank's compute actions.
@@ -154,6 +231,9 @@ class DualPipeStrategy(DDPStrategy):
         )  # Lightning zeroes only after training_step; the schedule adds to .grad
         with self.precision_plugin.train_step_context():
             loss, logs = runner.train_step(tokens)
+        reduce_gradients(runner, self.mesh, self._shards)
+        logs = self.mesh.mean_over_pipelines({"loss": loss, **logs}, self.root_device)
+        loss = logs.pop("loss")
         # Lightning zeroes gradients between training_step and backward: keep them aside until backward
         self._grads = {p: p.grad for p in module.parameters() if p.grad is not None}
         for p in self._grads:
@@ -180,27 +260,14 @@ class DualPipeStrategy(DDPStrategy):
     def clip_global_norm(self, max_norm: float) -> float:
         """Scales every rank's gradients so that the norm over the whole model is at most ``max_norm``.
 
-        Each parameter counts once, on the lowest rank that trains it. Returns the norm before clipping.
+        Each parameter counts once (grad_sync.py). Returns the norm before clipping.
         """
-        runner = self._runner()
-        module = self.lightning_module
-        sq = torch.zeros((), dtype=torch.float64, device=self.root_device)
-        for name, p in module.named_parameters():
-            owners = runner.owners.get(name, ())
-            if p.grad is not None and owners and min(owners) == runner.rank:
-                sq += p.grad.detach().double().pow(2).sum()
-        dist.all_reduce(sq, group=runner.group)
-        norm = math.sqrt(sq.item())
-        scale = max_norm / (norm + 1e-6)
-        if scale < 1:
-            for p in module.parameters():
-                if p.grad is not None:
-                    p.grad.mul_(scale)
-        return norm
+        return clip_global_norm(self._runner(), self.mesh, self._shards, max_norm)
 
     # ------------------------------------------------------------------ evaluation
     def _evaluate(self, tokens: torch.Tensor, stage_name: str) -> None:
         logs = pipeline_evaluate(self._runner(), tokens, stage_name)
+        logs = self.mesh.mean_over_pipelines(logs, self.root_device)
         self.lightning_module.log_dict({k: v.to(tokens.device) for k, v in logs.items()})
 
     @override
@@ -225,17 +292,32 @@ class DualPipeStrategy(DDPStrategy):
     def lightning_module_state_dict(self) -> dict[str, Any]:
         if self.runner is None:
             return super().lightning_module_state_dict()
-        return self.runner.full_state_dict()
+        state = self.runner.full_state_dict()  # every position's tensors; experts: this rank's shard
+        if not self._shards:
+            return state
+        return full_state_dict(state, self._shards, self._expert_comm("the checkpoint"))
+
+    @override
+    def load_model_state_dict(self, checkpoint: dict[str, Any], strict: bool = True) -> None:
+        # Lightning loads before setup (the whole module); after it, the experts are sharded
+        if not self._shards:
+            return super().load_model_state_dict(checkpoint, strict)
+        self.lightning_module.load_state_dict(
+            local_state_dict(checkpoint["state_dict"], self._shards), strict=strict
+        )
 
     @override
     def optimizer_state(self, optimizer) -> dict[str, Any]:
-        """The optimizer's state dict with each parameter's state taken from the rank that trains it."""
+        """The optimizer's state dict with each parameter's state taken from the rank that trains it (the
+        expert shards' state gathered over the expert group first)."""
         state = super().optimizer_state(optimizer)
         if self.runner is None or not state:
             return state
         runner = self.runner
         module = self.lightning_module
-        opt = getattr(optimizer, "_optimizer", optimizer)
+        opt = optimizer._optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
+        if self._shards:  # only the parameters of this rank's pieces have state, the same at every position
+            state = full_optimizer_state(opt, state, self._shards, self._expert_comm("the checkpoint"))
         names = {id(p): n for n, p in module.named_parameters()}
         params = [p for group in opt.param_groups for p in group["params"]]
         mine = {
@@ -253,6 +335,19 @@ class DualPipeStrategy(DDPStrategy):
         for part in gathered:
             full.update(part)
         return {**state, "state": dict(sorted(full.items()))}
+
+    @override
+    def load_optimizer_state_dict(self, checkpoint: dict[str, Any]) -> None:
+        if not self._shards:
+            return super().load_optimizer_state_dict(checkpoint)
+        states = [
+            local_optimizer_state(opt, state, self._shards)
+            for opt, state in zip(self.optimizers, checkpoint["optimizer_states"])
+        ]
+        super().load_optimizer_state_dict({**checkpoint, "optimizer_states": states})
+
+    def _expert_comm(self, where: str) -> Comm:
+        return self.mesh.comm(self.mesh.stage.expert_group, where)
 
     @override
     def on_train_start(self) -> None:
@@ -283,8 +378,16 @@ class DualPipeStrategy(DDPStrategy):
             self.runner.restore_unowned()
 
     @override
+    def on_exception(self, exception: BaseException) -> None:
+        self._failed = True  # no collectives in teardown: the other ranks may be gone
+        super().on_exception(exception)
+
+    @override
     def teardown(self) -> None:
-        self.runner = None
+        """Gathers the expert shards back into every rank's module (after a normal end)."""
+        if self._shards and not self._failed:
+            unshard_experts(self._shards, self._expert_comm("teardown"))
+        self.runner, self._mesh, self._shards = None, None, []
         super().teardown()
 
 

@@ -53,13 +53,13 @@ def reduce_gradients(params: list[nn.Parameter], comm: Comm, world_size: int) ->
 
 
 @torch.no_grad()
-def clip_global_norm(
-    replicated: list[nn.Parameter], sharded: list[nn.Parameter], expert_comm: Comm, max_norm: float
-) -> float:
-    """Scales all gradients so that the whole model's gradient norm is at most ``max_norm``; returns
-    the norm before clipping (the same on every rank)."""
-
-    device = next(iter([*replicated, *sharded])).device
+def squared_grad_norm(
+    replicated: list[nn.Parameter], sharded: list[nn.Parameter], expert_comm: Comm, device: torch.device | None = None
+) -> torch.Tensor:
+    """Σ g² over ``replicated`` plus the all-reduce-sum over the expert group of Σ g² over ``sharded``:
+    the squared gradient norm of the parameters of one copy of the model (float64, shape [1], on
+    ``device``, default the parameters')."""
+    device = device or next(p.device for p in [*replicated, *sharded])
 
     def sq(params: list[nn.Parameter]) -> torch.Tensor:
         total = torch.zeros((), dtype=torch.float64, device=device)
@@ -71,10 +71,25 @@ def clip_global_norm(
     local_experts = sq(sharded).reshape(1)
     if dist.get_world_size(expert_comm.group) > 1:
         collective(expert_comm, "gradient-norm all-reduce", lambda: dist.all_reduce(local_experts, group=expert_comm.group))
-    norm = math.sqrt(float(sq(replicated)) + float(local_experts))
+    return sq(replicated) + local_experts
+
+
+@torch.no_grad()
+def scale_gradients(params: list[nn.Parameter], norm: float, max_norm: float) -> None:
+    """Scales every gradient by ``max_norm / norm`` when that is below 1 (torch's clip_grad_norm_ rule)."""
     scale = max_norm / (norm + 1e-6)
     if scale < 1:
-        for p in [*replicated, *sharded]:
+        for p in params:
             if p.grad is not None:
                 p.grad.mul_(scale)
+
+
+@torch.no_grad()
+def clip_global_norm(
+    replicated: list[nn.Parameter], sharded: list[nn.Parameter], expert_comm: Comm, max_norm: float
+) -> float:
+    """Scales all gradients so that the whole model's gradient norm is at most ``max_norm``; returns
+    the norm before clipping (the same on every rank)."""
+    norm = math.sqrt(float(squared_grad_norm(replicated, sharded, expert_comm)))
+    scale_gradients([*replicated, *sharded], norm, max_norm)
     return norm

@@ -11,10 +11,15 @@ the next one (on GPUs: NVLink first, as DeepSeek-V3's EP64 = 8 nodes × 8 GPUs).
 The groups are created with ``torch.distributed.new_group`` and the strategy's timeout, so that every
 collective of the run (the all-to-all included) fails after that many seconds instead of hanging.
 The strategy owns the mesh; there is no module-level state.
+
+A mesh may also span a *block* of the world instead of all of it: ``create(..., blocks=...)`` cuts
+the world into disjoint lists of ranks, each its own data × expert mesh (rank = its index in the
+block). DualPipeStrategy uses one block per pipeline position (``dualpipe/mesh.py``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -38,19 +43,23 @@ def mesh_shape(world_size: int, expert_parallel_size: int) -> tuple[int, int]:
 
 @dataclass
 class ExpertParallelMesh:
-    """This rank's place in the mesh and its two process groups."""
+    """This rank's place in the mesh and its process groups."""
 
     data_parallel_size: int
     expert_parallel_size: int
     rank: int
+    """This rank's index in the mesh (its global rank when the mesh is the world)."""
     expert_group: dist.ProcessGroup | None
     """The ranks that together hold all experts (all-to-all runs here)."""
     data_group: dist.ProcessGroup | None
     """The ranks that hold the same expert shard (their expert gradients are summed here)."""
     timeout_s: float
+    group: dist.ProcessGroup | None = None
+    """All ranks of the mesh (replicated parameters are averaged here); None: the world."""
 
     @property
     def world_size(self) -> int:
+        """Ranks in the mesh."""
         return self.data_parallel_size * self.expert_parallel_size
 
     @property
@@ -62,18 +71,32 @@ class ExpertParallelMesh:
         return self.rank // self.expert_parallel_size
 
     @classmethod
-    def create(cls, expert_parallel_size: int, timeout_s: float) -> ExpertParallelMesh:
-        """Builds the groups; every rank must call this, in the same order (``new_group`` is collective)."""
+    def create(
+        cls, expert_parallel_size: int, timeout_s: float, *, blocks: Sequence[Sequence[int]] | None = None
+    ) -> ExpertParallelMesh:
+        """Builds the groups; every rank must call this, in the same order (``new_group`` is collective).
+
+        ``blocks``: disjoint lists of global ranks covering the world, each one mesh (every rank passes
+        the same lists and gets the mesh of its own block); default: the world is one mesh.
+        """
         world, rank = dist.get_world_size(), dist.get_rank()
-        dp, ep = mesh_shape(world, expert_parallel_size)
+        blocks = [list(range(world))] if blocks is None else [list(b) for b in blocks]
+        assert sorted(r for b in blocks for r in b) == list(range(world)), f"blocks {blocks} must cover the world"
         timeout = timedelta(seconds=timeout_s)
-        expert_group = data_group = None
-        for d in range(dp):  # every rank creates every group, keeping its own
-            group = dist.new_group([d * ep + e for e in range(ep)], timeout=timeout)
-            if d == rank // ep:
-                expert_group = group
-        for e in range(ep):
-            group = dist.new_group([d * ep + e for d in range(dp)], timeout=timeout)
-            if e == rank % ep:
-                data_group = group
-        return cls(dp, ep, rank, expert_group, data_group, timeout_s)
+        mine = next(b for b in blocks if rank in b)
+        dp, ep = mesh_shape(len(mine), expert_parallel_size)
+        block_group = expert_group = data_group = None
+        for block in blocks:  # every rank creates every group, keeping its own
+            if len(blocks) > 1:
+                group = dist.new_group(block, timeout=timeout)
+                if block is mine:
+                    block_group = group
+            for d in range(dp):
+                group = dist.new_group([block[d * ep + e] for e in range(ep)], timeout=timeout)
+                if block is mine and d == mine.index(rank) // ep:
+                    expert_group = group
+            for e in range(ep):
+                group = dist.new_group([block[d * ep + e] for d in range(dp)], timeout=timeout)
+                if block is mine and e == mine.index(rank) % ep:
+                    data_group = group
+        return cls(dp, ep, mine.index(rank), expert_group, data_group, timeout_s, block_group)

@@ -29,7 +29,8 @@ A rank that dies or stops answering makes the others raise ``ExpertParallelCommE
 ``timeout`` seconds (every process group of the run uses it), naming the collective and the key.
 
 Not supported: 16-bit precision with a gradient scaler together with norm clipping ("16-mixed"; use
-"bf16-mixed"), pipeline parallelism at the same time (DualPipeStrategy), redundant experts (EPLB).
+"bf16-mixed"), redundant experts (EPLB). Pipeline parallelism with expert parallelism inside it is
+DualPipeStrategy's ``expert_parallel_size``, which reuses this package's pieces.
 """
 
 from __future__ import annotations
@@ -187,7 +188,7 @@ class ExpertParallelStrategy(DDPStrategy):
     def reduce_gradients(self) -> None:
         """Makes every rank's gradients those of the global batch's loss, then clips by global norm."""
         mesh = self.mesh
-        reduce_gradients(self._replicated_params(), self._comm(None, "the replicated parameters"), mesh.world_size)
+        reduce_gradients(self._replicated_params(), self._comm(mesh.group, "the replicated parameters"), mesh.world_size)
         reduce_gradients(self._expert_params(), self._comm(mesh.data_group, "the expert shards"), mesh.world_size)
         trainer = self.lightning_module.trainer
         if trainer.gradient_clip_val and (trainer.gradient_clip_algorithm or "norm") == "norm":
@@ -244,8 +245,15 @@ class ExpertParallelStrategy(DDPStrategy):
         super().teardown()
 
 
-def check_model(module: torch.nn.Module, expert_parallel_size: int) -> None:
-    """Clear errors for models expert parallelism cannot split."""
+def check_model(
+    module: torch.nn.Module,
+    expert_parallel_size: int,
+    *,
+    strategy: str = "ExpertParallelStrategy",
+    instead: str = "train with strategy ddp",
+) -> None:
+    """Clear errors for models expert parallelism cannot split (``strategy`` and ``instead``: the
+    strategy named in the message and the alternative it offers)."""
     layers = moe_layers(module)
     config = getattr(module, "config", None)
     if not layers:
@@ -256,8 +264,8 @@ def check_model(module: torch.nn.Module, expert_parallel_size: int) -> None:
             else ""
         )
         raise ValueError(
-            f"ExpertParallelStrategy shards MoE layers, but the model has none{detail}: lower "
-            "model.config.first_k_dense_replace, or train with strategy ddp"
+            f"{strategy} shards MoE layers, but the model has none{detail}: lower "
+            f"model.config.first_k_dense_replace, or {instead}"
         )
     for name, moe in layers:
         num_experts = moe.experts.num_experts

@@ -41,7 +41,10 @@ the files, and builds them first if ``prepare_data`` was skipped.
 
 Training order: :class:`~dsv3_lightning.sampling.ResumableShuffleSampler` (a fresh permutation per
 epoch, a function of the seed and the epoch); the checkpointed state records how many batches of the
-epoch were consumed, so a resumed run continues with the next batch.
+epoch were consumed, so a resumed run continues with the next batch. The permutation is dealt to the
+replicas the strategy names (``distributed_sampler_kwargs``, Lightning's seam): every process under DDP
+or expert parallelism, one replica per copy of the pipeline under a pipeline strategy (its stages must
+read the same windows).
 
 Not supported: streaming corpora larger than the disk, cross-document attention masking and
 per-epoch re-packing.
@@ -278,6 +281,15 @@ class TokenWindows(Dataset):
             raise IndexError(f"window {index} out of range for {self.num_windows} windows")
         start = index * self.stride
         return torch.from_numpy(self.tokens[start : start + self.window_len].astype(np.int64))
+
+
+def data_replicas(trainer: L.Trainer | None) -> tuple[int, int]:
+    """(replicas, this process's replica) of the training data: the strategy's
+    ``distributed_sampler_kwargs``, or (1, 0) without a trainer or on one device."""
+    kwargs = getattr(trainer.strategy, "distributed_sampler_kwargs", None) if trainer is not None else None
+    if not kwargs:
+        return 1, 0
+    return kwargs["num_replicas"], kwargs["rank"]
 
 
 class DSV3DataModule(L.LightningDataModule):
@@ -572,13 +584,9 @@ class DSV3DataModule(L.LightningDataModule):
 
     @override
     def train_dataloader(self) -> DataLoader:
-        trainer = self.trainer
+        replicas, rank = data_replicas(self.trainer)
         sampler = ResumableShuffleSampler(
-            self.train_dataset,
-            num_replicas=trainer.world_size if trainer else 1,
-            rank=trainer.global_rank if trainer else 0,
-            seed=self.seed,
-            batch_size=self.batch_size,
+            self.train_dataset, num_replicas=replicas, rank=rank, seed=self.seed, batch_size=self.batch_size
         )
         position = self._resume_position
         if position is not None:
@@ -633,7 +641,7 @@ class DSV3DataModule(L.LightningDataModule):
                 "epoch": trainer.current_epoch,
                 "batches_done": trainer.fit_loop.epoch_loop.batch_progress.current.processed,
                 "batch_size": self.batch_size,
-                "world_size": trainer.world_size,
+                "world_size": data_replicas(trainer)[0],  # the sampler's replicas (the name is the format's)
             }
         return state
 

@@ -160,6 +160,23 @@ def test_dataloaders(corpus, tmp_path: Path) -> None:
     assert not torch.equal(batch, torch.stack([dm.train_dataset[i] for i in range(4)]))
 
 
+def test_training_windows_are_dealt_to_the_strategys_replicas(corpus, tmp_path: Path) -> None:
+    """The sampler follows the strategy's ``distributed_sampler_kwargs``, not the world size: a pipeline
+    strategy names one replica per copy of the pipeline, whose stages must all read its windows."""
+    root, _ = corpus
+    batches = []
+    for rank in range(2):
+        dm = _dm(tmp_path, root, batch_size=2)
+        dm.setup("fit")
+        strategy = type("Strategy", (), {"distributed_sampler_kwargs": {"num_replicas": 2, "rank": rank}})()
+        dm.trainer = type("Trainer", (), {"strategy": strategy})()  # what the sampler reads of a Trainer
+        loader = dm.train_dataloader()
+        assert (loader.sampler.num_replicas, loader.sampler.rank) == (2, rank)
+        batches.append(next(iter(loader)))
+    assert not torch.equal(batches[0], batches[1])
+    assert data_module.data_replicas(None) == (1, 0)
+
+
 def test_workers_see_the_same_data(corpus, tmp_path: Path) -> None:
     root, _ = corpus
     dm, dm2 = _dm(tmp_path, root), _dm(tmp_path, root, num_workers=2)

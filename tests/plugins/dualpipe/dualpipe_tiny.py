@@ -1,6 +1,10 @@
-"""A tiny DeepSeek-V3 (hidden 32, MLA, MoE with 8 experts, MTP depth 1) and its single-process reference."""
+"""A tiny DeepSeek-V3 (hidden 32, MLA, MoE with 8 experts, MTP depth 1), its single-process reference,
+and the reading of a Lightning run's CSV metrics."""
 
 from __future__ import annotations
+
+import csv
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -30,11 +34,11 @@ SHAPE = {
 SEQ = 8
 
 
-def make_module(num_hidden_layers: int = 4, mtp: bool = True) -> DSV3LightningModule:
+def make_module(num_hidden_layers: int = 4, mtp: bool = True, **changes) -> DSV3LightningModule:
     torch.manual_seed(0)
     heads = [MultiTokenPrediction(depth=1, loss_weight=0.3)] if mtp else []
     return DSV3LightningModule(
-        preset("tiny", **{**SHAPE, "num_hidden_layers": num_hidden_layers}),
+        preset("tiny", **{**SHAPE, "num_hidden_layers": num_hidden_layers, **changes}),
         heads,
         warmup_steps=0,
         learning_rate=1e-2,
@@ -60,3 +64,20 @@ def reference(module: DSV3LightningModule, tokens: torch.Tensor, num_microbatche
         losses.append(loss.detach())
     grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
     return torch.stack(losses), grads
+
+
+def metrics(root: Path) -> dict[str, dict[int, float]]:
+    """A CSVLogger's ``metrics.csv`` under ``root``: key -> {step: value}."""
+    out: dict[str, dict[int, float]] = {}
+    with open(root / "metrics.csv") as f:
+        for row in csv.DictReader(f):
+            for key, value in row.items():
+                if key != "step" and value:
+                    out.setdefault(key, {})[int(row["step"])] = float(value)
+    return out
+
+
+def last(series: dict[int, float]) -> float:
+    """The one step a resumed run logs (Lightning numbers it 3 after a restore at step 2)."""
+    assert len(series) == 1, series
+    return next(iter(series.values()))

@@ -3,7 +3,6 @@ checkpoints are ordinary full checkpoints (saved with 2 stages, resumed with 1, 
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import lightning as L
@@ -11,7 +10,7 @@ import pytest
 import torch
 from dsv3_lightning.plugins.dualpipe import DualPipeStrategy
 from dsv3_lightning.plugins.load_balancing import SequenceBalanceLoss
-from dualpipe_tiny import make_module, make_tokens
+from dualpipe_tiny import last, make_module, make_tokens, metrics
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
@@ -59,22 +58,6 @@ def fit(root: Path, schedule: str | DualPipeStrategy | None, *, max_steps: int =
         weights_only=False,
     )  # hparams hold a ModelConfig
     return module, metrics(root)
-
-
-def metrics(root: Path) -> dict[str, dict[int, float]]:
-    out: dict[str, dict[int, float]] = {}
-    with open(root / "metrics.csv") as f:
-        for row in csv.DictReader(f):
-            for key, value in row.items():
-                if key != "step" and value:
-                    out.setdefault(key, {})[int(row["step"])] = float(value)
-    return out
-
-
-def last(series: dict[int, float]) -> float:
-    """The one step a resumed run logs (Lightning numbers it 3 after a restore at step 2)."""
-    assert len(series) == 1, series
-    return next(iter(series.values()))
 
 
 @pytest.fixture(scope="module")
@@ -127,10 +110,10 @@ def test_checkpoint_from_one_process_resumes_on_two_stages(single, tmp_path):
 
 
 def test_refusals_name_the_key_and_the_fix(tmp_path):
-    with pytest.raises(
-        NotImplementedError, match=r"expert_parallel_size \(2\) > 1: the pipeline x expert x data mesh"
-    ):
-        DualPipeStrategy(2, 4, "dualpipev", expert_parallel_size=2)
+    with pytest.raises(ValueError, match=r"init_args.expert_parallel_size \(0\) must be >= 1"):
+        DualPipeStrategy(2, 4, "dualpipev", expert_parallel_size=0)
+    with pytest.raises(ValueError, match=r"init_args.timeout \(0\) must be a positive number of seconds"):
+        DualPipeStrategy(2, 4, "dualpipev", timeout=0)
     with pytest.raises(
         ValueError, match=r"pipeline_parallel_size \(3\) must be even for schedule 'dualpipe'"
     ):
@@ -148,17 +131,13 @@ def test_refusals_name_the_key_and_the_fix(tmp_path):
         fit(tmp_path, "dualpipev", callbacks=[SequenceBalanceLoss(1e-4)])
 
 
-def test_pipeline_size_must_match_the_processes(tmp_path):
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        strategy=DualPipeStrategy(2, 4, start_method="fork"),
-        max_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-    )
+def test_processes_must_fill_whole_pipelines():
+    """Checked when the Trainer is built, before any process starts (the test of P x E meshes is in
+    test_pipeline_expert_strategy.py)."""
     with pytest.raises(
-        Exception, match=r"pipeline_parallel_size \(2\) must equal trainer.devices x trainer.num_nodes \(1\)"
+        ValueError,
+        match=r"trainer.devices x trainer.num_nodes \(1\) must be a multiple of "
+        r"trainer.strategy.init_args.pipeline_parallel_size \(2\) x trainer.strategy.init_args.expert_parallel_size "
+        r"\(1\) = 2: .*set trainer.devices to a multiple of 2",
     ):
-        trainer.fit(make_module(), DataLoader(list(WINDOWS), batch_size=8))
+        L.Trainer(accelerator="cpu", devices=1, strategy=DualPipeStrategy(2, 4, start_method="fork"), logger=False)

@@ -1,0 +1,156 @@
+"""The pipeline × expert × data mesh on 4 and 8 gloo processes = one process on the whole global batch.
+
+Each case builds the mesh (dualpipe/mesh.py), shards the experts, runs one schedule step of every
+pipeline on its slice of the batch and reduces the gradients as DualPipeStrategy does (grad_sync.py).
+Each rank writes the losses of the micro-batches whose last stage it holds, the gradients of the
+parameters its pieces use (expert shards gathered to full tensors over the expert group) and the
+global gradient norm that clipping would use; the test compares them with a single process.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from dsv3_lightning.plugins.dualpipe.grad_sync import clip_global_norm, reduce_gradients
+from dsv3_lightning.plugins.dualpipe.mesh import PipelineMesh
+from dsv3_lightning.plugins.dualpipe.plans import build_plan
+from dsv3_lightning.plugins.dualpipe.runner import PipelineRunner
+from dualpipe_tiny import make_module, make_tokens, reference
+
+CASES = {  # world size -> (schedule, pipeline_parallel_size, expert_parallel_size, num_microbatches)
+    4: [
+        ("1f1b", 2, 2, 4),
+        ("zb", 2, 2, 4),
+        ("dualpipev", 2, 2, 4),
+        ("dualpipe", 2, 2, 4),
+        ("dualpipev", 2, 1, 4),  # D = 2 whole pipelines, data parallel, experts not sharded
+    ],
+    8: [("dualpipe", 2, 2, 4)],  # D = 2: expert shards summed over the data group too
+}
+BATCH = 16  # global: 8 windows per pipeline when D·E = 2, 4 when D·E = 4
+TOLERANCE = 1e-6  # relative, as test_equivalence.py
+
+
+def case_id(world: int, schedule: str, p: int, e: int) -> str:
+    return f"{schedule}-pp{p}-ep{e}-dp{world // (p * e)}"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pipeline_tokens(tokens: torch.Tensor, index: int, num_pipelines: int) -> torch.Tensor:
+    """Pipeline ``index``'s slice, as the distributed sampler deals it (windows index, index + n, ...)."""
+    return tokens[index::num_pipelines]
+
+
+def _full(grad: torch.Tensor, group) -> torch.Tensor:
+    parts = [torch.empty_like(grad) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, grad.contiguous(), group=group)
+    return torch.cat(parts)
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        for schedule, p, e, m in CASES[world]:
+            case = case_id(world, schedule, p, e)
+            mesh = PipelineMesh.create(p, e, timeout_s=60)
+            module = make_module(4)
+            shards = mesh.shard_experts(module)
+            runner = PipelineRunner(module, build_plan(schedule, p, m), mesh.pipeline_group)
+            tokens = pipeline_tokens(make_tokens(BATCH), mesh.pipeline_index, mesh.num_pipelines)
+            losses = runner.run_schedule(tokens)
+            runner.sync_gradients()
+            reduce_gradients(runner, mesh, shards)
+            norm = clip_global_norm(runner, mesh, shards, max_norm=float("inf"))
+            experts = {id(q) for shard in shards for q in shard.params()}
+            mine = runner.local_parameter_names()
+            grads = {}
+            for name, q in module.named_parameters():  # the same order on every rank of an expert group
+                if name in mine and q.grad is not None:
+                    full = _full(q.grad, mesh.stage.expert_group) if id(q) in experts else q.grad
+                    grads[name] = full.clone()
+            torch.save(
+                {
+                    "losses": {mesh.pipeline_index * m + i: loss for i, loss in losses.items()},
+                    "grads": grads,
+                    "norm": norm,
+                    "local_experts": shards[0].num_local_experts if shards else None,
+                },
+                os.path.join(out_dir, f"{case}-{rank}.pt"),
+            )
+    except BaseException:  # spawn reports only the first rank to fail: print every rank's error
+        traceback.print_exc()
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """world size -> the folder of its results; the processes are forked once per world size, on first
+    use, for all its cases (they share this process's imports)."""
+    done = {}
+
+    def run(world: int):
+        if world not in done:
+            out = tmp_path_factory.mktemp(f"mesh{world}")
+            mp.start_processes(
+                _worker, args=(world, _free_port(), str(out)), nprocs=world, start_method="fork"
+            )
+            done[world] = out
+        return done[world]
+
+    return run
+
+
+ALL = [(world, i) for world in CASES for i in range(len(CASES[world]))]
+IDS = [f"{world}procs-{case_id(world, *CASES[world][i][:3])}" for world, i in ALL]
+
+
+@pytest.mark.parametrize("world,index", ALL, ids=IDS)
+def test_mesh_step_matches_one_process(runs, world, index):
+    results = runs(world)
+    schedule, p, e, m = CASES[world][index]
+    case = case_id(world, schedule, p, e)
+    num_pipelines = world // p
+    tokens = make_tokens(BATCH)
+    # the single process reads the pipelines' slices one after the other, in micro-batches of the same size
+    ordered = torch.cat([pipeline_tokens(tokens, i, num_pipelines) for i in range(num_pipelines)])
+    want_losses, want_grads = reference(make_module(4), ordered, m * num_pipelines)
+    ranks = [torch.load(results / f"{case}-{r}.pt", weights_only=False) for r in range(world)]
+    losses = {}
+    for run in ranks:
+        losses.update(run["losses"])
+    assert sorted(losses) == list(range(m * num_pipelines))
+    got_losses = torch.stack([losses[i] for i in range(m * num_pipelines)])
+    torch.testing.assert_close(got_losses, want_losses, rtol=TOLERANCE, atol=0)
+    print(
+        f"{case}: max relative loss error {((got_losses - want_losses).abs() / want_losses.abs()).max():.2e}"
+    )
+    if e > 1:
+        assert {run["local_experts"] for run in ranks} == {8 // e}  # the experts really were sharded
+    seen, worst = set(), 0.0
+    for rank, run in enumerate(ranks):
+        for name, grad in run["grads"].items():
+            ref = want_grads[name]
+            rel = float((grad - ref).norm() / ref.norm().clamp_min(1e-30))
+            assert rel < TOLERANCE, f"{case} rank {rank} {name}: relative error {rel:.2e}"
+            worst = max(worst, rel)
+            seen.add(name)
+    assert seen == set(want_grads), f"no rank has gradients for {sorted(set(want_grads) - seen)}"
+    want_norm = torch.stack([g.double().pow(2).sum() for g in want_grads.values()]).sum().sqrt().item()
+    for run in ranks:  # clipping's norm: every parameter once, every rank the same number
+        assert run["norm"] == pytest.approx(want_norm, rel=TOLERANCE)
+    print(f"{case}: max relative gradient error {worst:.2e}")
