@@ -8,7 +8,7 @@ builds this rank's stages and the schedule that runs the plan's action lists:
     1f1b        torch PipelineStage x1, torch _PipelineScheduleRuntime fed our lists (baseline_actions.py)
     zb          torch PipelineStage x1, torch ScheduleInterleavedZeroBubble
     dualpipev   torch PipelineStage x2, torch ScheduleDualPipeV
-    dualpipe    BidirectionalRuntime (ours), 2 pieces per rank, each piece on 2 ranks
+    dualpipe    BidirectionalRuntime (ours), 2 pieces per rank, each piece on 2 ranks; (F;B) pairs by ``overlap``
 
 ``runner.pipeline_order`` is the compute-only action lists the schedule object really runs (for the
 torch schedules, read back from it), which ``simulate`` accepts. After the schedule, every parameter
@@ -32,6 +32,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from dsv3_lightning.plugins.dualpipe.bidirectional_runtime import BidirectionalRuntime
+from dsv3_lightning.plugins.dualpipe.overlap import OverlapHook
 from dsv3_lightning.plugins.dualpipe.partition import build_pieces, parameter_names
 from dsv3_lightning.plugins.dualpipe.plans import SchedulePlan, compute_only, torch_schedule_class
 from torch.distributed.pipelining import PipelineStage
@@ -81,8 +82,11 @@ class PipelineRunner:
         plan: SchedulePlan,
         group: dist.ProcessGroup | None = None,
         device: torch.device | None = None,
+        overlap: OverlapHook | None = None,
     ) -> None:
         self.module, self.plan, self.layout = module, plan, plan.layout
+        self.overlap = overlap
+        """How the ``dualpipe`` runtime runs its (F;B) pairs (overlap.py); None: one after the other."""
         self.group = group or dist.group.WORLD
         self.rank = dist.get_rank(self.group)
         if dist.get_world_size(self.group) != self.layout.num_ranks:
@@ -132,6 +136,8 @@ class PipelineRunner:
             self._schedule = BidirectionalRuntime(
                 self.plan, self.pieces, self.rank, self.group, hidden, dtype, self.device
             )
+            if self.overlap is not None:
+                self._schedule.overlap = self.overlap
             return
         stages = [
             PipelineStage(

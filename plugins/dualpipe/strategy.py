@@ -37,8 +37,10 @@ gathered back, so that every rank's module is whole again. Not supported yet, ea
 fix: loss terms registered by callbacks (sequence-wise balance loss), gradient accumulation (the
 micro-batches are the accumulation), ``predict``. Callbacks that read every router's last forward
 (ExpertLoadMonitor) see only the local stages' routers and the last micro-batch: leave them out. With
-expert parallelism, each (F;B) pair runs one chunk after the other (the all-to-alls are not hidden; the
-strategy does not select overlap.py's InterleavedOverlap yet), and the dispatch is not FP8.
+expert parallelism under schedule "dualpipe", each (F;B) pair runs its forward and backward chunks in
+turns, so that each one's all-to-alls run under the other's computation (``overlap``; overlap.py);
+the other schedules run torch's runtime, whose pairs run one part after the other. The dispatch is not
+FP8 here.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ import torch.distributed as dist
 from dsv3_lightning.plugins.dualpipe.evaluation import pipeline_evaluate
 from dsv3_lightning.plugins.dualpipe.grad_sync import clip_global_norm, reduce_gradients
 from dsv3_lightning.plugins.dualpipe.mesh import PipelineMesh, mesh_shape
+from dsv3_lightning.plugins.dualpipe.overlap import InterleavedOverlap
 from dsv3_lightning.plugins.dualpipe.plans import SchedulePlan, build_plan, validate
 from dsv3_lightning.plugins.dualpipe.runner import PipelineRunner
 from dsv3_lightning.plugins.expert_parallel.all_to_all import Comm
@@ -89,6 +92,11 @@ class DualPipeStrategy(DDPStrategy):
         expert_parallel_size: Ranks at each pipeline position that share one copy of the routed
             experts, exchanging tokens by all-to-all; ``model.config.n_routed_experts`` must be a
             multiple. 1: every rank holds all experts.
+        overlap: Under schedule "dualpipe" with expert parallelism, run each (F;B) pair's chunks in
+            turns, every all-to-all started asynchronously and waited for only after the other chunk
+            has computed up to its own next all-to-all (overlap.py's InterleavedOverlap), instead of
+            one chunk after the other. Same results either way; no effect on the other schedules
+            (torch's runtime runs its pairs' parts in sequence) or without experts to exchange.
         timeout: Seconds a collective may wait before the run fails with a clear error.
         start_method: How the processes start: "popen" (re-run the command, as ``dsv3 fit``), "spawn"
             or "fork" (in-process launch, for notebooks and tests).
@@ -103,6 +111,7 @@ class DualPipeStrategy(DDPStrategy):
         schedule: Literal["dualpipev", "dualpipe", "1f1b", "zb"] = "dualpipev",
         *,
         expert_parallel_size: int = 1,
+        overlap: bool = True,
         timeout: float = 1800.0,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
         **kwargs: Any,
@@ -117,6 +126,7 @@ class DualPipeStrategy(DDPStrategy):
         self.num_microbatches = num_microbatches
         self.schedule = schedule
         self.expert_parallel_size = expert_parallel_size
+        self.overlap = overlap
         self.timeout_s = float(timeout)
         self.runner: PipelineRunner | None = None
         self._mesh: PipelineMesh | None = None
@@ -202,7 +212,17 @@ class DualPipeStrategy(DDPStrategy):
             )
         super().setup(trainer)
         self._build_mesh()  # validate / test: no configure_ddp
-        self.runner = PipelineRunner(module, self.build_plan(), self.mesh.pipeline_group, self.root_device)
+        self.runner = PipelineRunner(
+            module, self.build_plan(), self.mesh.pipeline_group, self.root_device, overlap=self._overlap_hook()
+        )
+
+    def _overlap_hook(self) -> InterleavedOverlap | None:
+        if not (self.overlap and self.schedule == "dualpipe" and self._shards):
+            return None
+        hook = InterleavedOverlap()
+        layers = hook.attach(self.lightning_module)
+        rank_zero_info(f"dualpipe: (F;B) pairs overlapped, the all-to-alls of {layers} MoE layer(s) asynchronous")
+        return hook
 
     def build_plan(self) -> SchedulePlan:
         """The extension point for another schedule: every pipeline rank's compute actions.

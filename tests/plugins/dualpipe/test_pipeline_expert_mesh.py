@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from dsv3_lightning.plugins.dualpipe.grad_sync import clip_global_norm, reduce_gradients
 from dsv3_lightning.plugins.dualpipe.mesh import PipelineMesh
+from dsv3_lightning.plugins.dualpipe.overlap import InterleavedOverlap
 from dsv3_lightning.plugins.dualpipe.plans import build_plan
 from dsv3_lightning.plugins.dualpipe.runner import PipelineRunner
 from dualpipe_tiny import make_module, make_tokens, reference
@@ -29,9 +30,10 @@ CASES = {  # world size -> (schedule, pipeline_parallel_size, expert_parallel_si
         ("zb", 2, 2, 4),
         ("dualpipev", 2, 2, 4),
         ("dualpipe", 2, 2, 4),
+        ("dualpipe-overlap", 2, 2, 8),  # (F;B) pairs in turns, all-to-alls in flight under the other chunk
         ("dualpipev", 2, 1, 4),  # D = 2 whole pipelines, data parallel, experts not sharded
     ],
-    8: [("dualpipe", 2, 2, 4)],  # D = 2: expert shards summed over the data group too
+    8: [("dualpipe-overlap", 2, 2, 4)],  # D = 2: expert shards summed over the data group too
 }
 BATCH = 16  # global: 8 windows per pipeline when D·E = 2, 4 when D·E = 4
 TOLERANCE = 1e-6  # relative, as test_equivalence.py
@@ -68,7 +70,11 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
             mesh = PipelineMesh.create(p, e, timeout_s=60)
             module = make_module(4)
             shards = mesh.shard_experts(module)
-            runner = PipelineRunner(module, build_plan(schedule, p, m), mesh.pipeline_group)
+            hook = InterleavedOverlap() if schedule.endswith("-overlap") else None
+            if hook is not None:
+                hook.attach(module)
+            plan = build_plan(schedule.split("-")[0], p, m)
+            runner = PipelineRunner(module, plan, mesh.pipeline_group, overlap=hook)
             tokens = pipeline_tokens(make_tokens(BATCH), mesh.pipeline_index, mesh.num_pipelines)
             losses = runner.run_schedule(tokens)
             runner.sync_gradients()
@@ -87,6 +93,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
                     "grads": grads,
                     "norm": norm,
                     "local_experts": shards[0].num_local_experts if shards else None,
+                    "in_pairs": hook.interleaver.stats.in_pairs if hook else None,
                 },
                 os.path.join(out_dir, f"{case}-{rank}.pt"),
             )
@@ -141,6 +148,8 @@ def test_mesh_step_matches_one_process(runs, world, index):
     )
     if e > 1:
         assert {run["local_experts"] for run in ranks} == {8 // e}  # the experts really were sharded
+    if schedule.endswith("-overlap"):  # the pairs' all-to-alls were issued while the other chunk ran
+        assert all(run["in_pairs"] > 0 for run in ranks), [run["in_pairs"] for run in ranks]
     seen, worst = set(), 0.0
     for rank, run in enumerate(ranks):
         for name, grad in run["grads"].items():

@@ -44,17 +44,32 @@ class ExpertsPerRank(L.Callback):
         pl_module.log("experts_per_rank", float(pl_module.model.model.layers[-1].mlp.experts.num_experts))
 
 
+class OverlappedAllToAlls(L.Callback):
+    """Logs how many all-to-alls the strategy's overlap hook has issued inside (F;B) pairs so far."""
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        hook = trainer.strategy.runner.overlap
+        pl_module.log("overlapped_all_to_alls", float(hook.interleaver.stats.in_pairs if hook else -1))
+
+
 def fit(
-    root, expert_parallel_size: int | None, *, max_steps: int = 3, ckpt_path: str | None = None, **kwargs
+    root,
+    expert_parallel_size: int | None,
+    *,
+    schedule: str = "dualpipev",
+    max_steps: int = 3,
+    ckpt_path: str | None = None,
+    callbacks=(),
+    **kwargs,
 ):
     """The tiny model (MoE + MTP), 4 micro-batches per pipeline: on 2 pipeline x ``expert_parallel_size``
-    processes with schedule dualpipev, or on 1 process (None). Every run reads the same global batches
-    of 8 windows, each pipeline its share."""
+    processes with ``schedule``, or on 1 process (None). Every run reads the same global batches of 8
+    windows, each pipeline its share."""
     if expert_parallel_size is None:
         strategy, devices = None, 1
     else:
         strategy = DualPipeStrategy(
-            2, 4, "dualpipev", expert_parallel_size=expert_parallel_size, start_method="fork", timeout=120
+            2, 4, schedule, expert_parallel_size=expert_parallel_size, start_method="fork", timeout=120
         )
         devices = 2 * expert_parallel_size
     trainer = L.Trainer(
@@ -69,7 +84,7 @@ def fit(
         enable_model_summary=False,
         num_sanity_val_steps=0,
         gradient_clip_val=0.05,
-        callbacks=[ModelCheckpoint(dirpath=root / "ckpt", save_top_k=-1, every_n_epochs=1), ExpertsPerRank()],
+        callbacks=[ModelCheckpoint(dirpath=root / "ckpt", save_top_k=-1, every_n_epochs=1), ExpertsPerRank(), *callbacks],
         use_distributed_sampler=False,
         **kwargs,
     )
@@ -121,6 +136,16 @@ def test_pipeline_with_expert_parallelism_trains_like_one_process(single, mesh_r
         for step in want[key]:
             assert got[key][step] == pytest.approx(want[key][step], rel=1e-5), (key, step)
     # the process that called fit gets the whole model back: experts gathered, every piece filled
+    assert_trained_alike(module, single_module)
+
+
+def test_dualpipe_with_overlapped_pairs_trains_like_one_process(single, tmp_path):
+    _, single_module, want = single
+    module, got = fit(tmp_path, 2, schedule="dualpipe", callbacks=[OverlappedAllToAlls()])
+    for key in ("train/loss", "train/ce", "train/mtp_loss", "val/loss"):
+        for step in want[key]:
+            assert got[key][step] == pytest.approx(want[key][step], rel=1e-5), (key, step)
+    assert max(got["overlapped_all_to_alls"].values()) > 0  # the strategy chose InterleavedOverlap, and it took turns
     assert_trained_alike(module, single_module)
 
 
