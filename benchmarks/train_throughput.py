@@ -1,6 +1,6 @@
 """Training throughput against transformers' DeepseekV3ForCausalLM of the same shapes, on CPU.
 
-    python benchmarks/train_throughput.py [--repeats 10] [--batch 4] [--seq 256]
+    python benchmarks/train_throughput.py [--repeats 10] [--batch 4] [--seq 256] [--compile]
 
 Two shapes: "moe-heavy" (hidden 512, 64 routed experts with 6 active + 1 shared, 4 layers, vocabulary
 4096) and "small" (configs/small.yaml's model). For each, our DeepSeekV3 and transformers' model built
@@ -8,12 +8,15 @@ from the same config (``config_to_hf``) train on the same random batch in float3
 entropy, backward, fused AdamW step (the module's default, and transformers Trainer's), interleaved round-robin after two warm-up steps, median of
 ``--repeats``. Prints tokens/s, our speed over transformers', and the achieved FLOP rate (6 x activated
 non-embedding parameters per token, plus attention) as a fraction of a float32 matmul rate measured in
-the same run (a 2048 x 2048 x 2048 torch.mm).
+the same run (a 2048 x 2048 x 2048 torch.mm). ``--compile`` adds a third model in the same rotation, a
+copy of ours with ``compile_blocks()`` (torch.compile of the attention blocks, norms and dense MLPs;
+compiled during the warm-up steps), and its speed over eager.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +54,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--compile", action="store_true", help="also time ours with compile_blocks()")
     args = parser.parse_args()
     import transformers
 
@@ -58,8 +62,9 @@ def main() -> None:
     rate = gemm_rate()
     print(f"\nfloat32, {torch.get_num_threads()} threads, batch {args.batch} x {args.seq}, median of {args.repeats} "
           f"interleaved steps; float32 matmul rate measured: {rate / 1e9:.1f} GFLOP/s\n")
-    print("| shape | ours tokens/s | transformers tokens/s | ours vs transformers | ours, fraction of matmul rate |")
-    print("|---|---|---|---|---|")
+    compiled = " | ours compiled tokens/s | compiled vs eager" if args.compile else ""
+    print(f"| shape | ours tokens/s | transformers tokens/s | ours vs transformers | ours, fraction of matmul rate{compiled} |")
+    print("|---|---|---|---|---|" + ("---|---|" if args.compile else ""))
     for name, overrides in SHAPES.items():
         torch.manual_seed(0)
         ours = DeepSeekV3(preset("small", **overrides))
@@ -67,6 +72,9 @@ def main() -> None:
         theirs = transformers.DeepseekV3ForCausalLM(hf_config)
         tokens = torch.randint(0, ours.config.vocab_size, (args.batch, args.seq + 1))
         models = {"ours": ours, "transformers": theirs}
+        if args.compile:
+            models["ours compiled"] = copy.deepcopy(ours)
+            models["ours compiled"].compile_blocks()
         optimizers = {k: torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True) for k, m in models.items()}
 
         def step(key: str) -> None:
@@ -79,7 +87,11 @@ def main() -> None:
         n = args.batch * args.seq
         ours_s, theirs_s = medians["ours"], medians["transformers"]
         achieved = flops_per_step(ours, args.batch, args.seq) / ours_s
-        print(f"| {name} | {n / ours_s:,.0f} | {n / theirs_s:,.0f} | {theirs_s / ours_s:.2f}x | {achieved / rate:.0%} |")
+        row = f"| {name} | {n / ours_s:,.0f} | {n / theirs_s:,.0f} | {theirs_s / ours_s:.2f}x | {achieved / rate:.0%} |"
+        if args.compile:
+            compiled_s = medians["ours compiled"]
+            row += f" {n / compiled_s:,.0f} | {ours_s / compiled_s:.2f}x |"
+        print(row)
 
 
 if __name__ == "__main__":

@@ -54,6 +54,9 @@ class DSV3LightningModule(L.LightningModule):
             config.json must describe the same shape as ``config``.
         recompute_activations: Recompute each block's attention-input RMSNorm and MLA up-projections
             in backward instead of storing them (DeepSeek-V3's memory trick; costs extra compute).
+        compile_blocks: ``torch.compile`` every decoder block's attention, norms and dense MLPs (the
+            routed experts stay eager; ``DecoderLayer.compile_blocks``). The first steps then take
+            longer (compilation); see the README's "Training speed" for what it gains.
     """
 
     def __init__(
@@ -68,6 +71,7 @@ class DSV3LightningModule(L.LightningModule):
         betas: tuple[float, float] = (0.9, 0.95),
         init_from: str | None = None,
         recompute_activations: bool = False,
+        compile_blocks: bool = False,
     ) -> None:
         super().__init__()
         if learning_rate <= 0:
@@ -94,6 +98,8 @@ class DSV3LightningModule(L.LightningModule):
         for layer in self.modules():  # the model's blocks and the heads' (MTP modules are blocks)
             if isinstance(layer, DecoderLayer):
                 layer.set_recomputation(recompute_activations)
+                if compile_blocks:
+                    layer.compile_blocks()
         self._loss_terms: dict[str, LossTerm] = {}
         self.val_loss = torchmetrics.MeanMetric()
         self.val_accuracy = torchmetrics.MeanMetric()

@@ -49,13 +49,32 @@ class DecoderLayer(nn.Module):
     def _normed_latents(self, h_BSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.self_attn.compress(self.input_layernorm(h_BSD))
 
-    def forward(self, h_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def attention_block(self, h_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """h + MLA(input_layernorm(h))."""
         if self.recompute and torch.is_grad_enabled():
             latents = checkpoint(self._normed_latents, h_BSD, use_reentrant=False)
         else:
             latents = self._normed_latents(h_BSD)
-        h_BSD = h_BSD + self.self_attn.from_latents(*latents, cos, sin)
+        return h_BSD + self.self_attn.from_latents(*latents, cos, sin)
+
+    def mlp_block(self, h_BSD: torch.Tensor) -> torch.Tensor:
+        """h + MLP(post_attention_layernorm(h)), the MLP dense or MoE."""
         return h_BSD + self.mlp(self.post_attention_layernorm(h_BSD))
+
+    def forward(self, h_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return self.mlp_block(self.attention_block(h_BSD, cos, sin))
+
+    def compile_blocks(self, **options) -> None:
+        """``torch.compile``s what compiles well: the attention block, the MLP's input norm and the
+        dense MLP or the shared experts. The routed path (router, token sort, grouped matmul) stays
+        eager: its shapes depend on the routing (``bincount``), and torch's ``grouped_mm`` has no
+        float32 kernel for the compiler's fake tensors. ``options`` go to ``torch.compile``."""
+        self.attention_block = torch.compile(self.attention_block, **options)
+        self.post_attention_layernorm.compile(**options)
+        if isinstance(self.mlp, MLP):
+            self.mlp.compile(**options)
+        elif self.mlp.shared_experts is not None:
+            self.mlp.shared_experts.compile(**options)
 
 
 class DeepSeekV3Model(nn.Module):
@@ -150,6 +169,11 @@ class DeepSeekV3(nn.Module):
             )
         hidden = self.run_layers(self.embed(input_ids))
         return CausalLMOutput(logits=self.head(hidden), hidden_states=hidden)
+
+    def compile_blocks(self, **options) -> None:
+        """Compiles every decoder layer's attention block, norms and dense MLPs (``DecoderLayer.compile_blocks``)."""
+        for layer in self.model.layers:
+            layer.compile_blocks(**options)
 
     # ------------------------------------------------------------------ introspection
     def moe_layers(self) -> list[MoE]:
