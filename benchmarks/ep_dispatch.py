@@ -21,17 +21,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import time
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from dsv3_lightning.plugins.expert_parallel.all_to_all import Comm
 from dsv3_lightning.plugins.expert_parallel.dispatcher import AllToAllTokenDispatcher
 from dsv3_lightning.plugins.expert_parallel.sharding import shard_experts
+from processes import run_ranks
 
 from dsv3_lightning import preset
 from dsv3_lightning.model.transformer import DeepSeekV3
@@ -118,18 +117,7 @@ def worker(rank: int, world: int, port: int, args, queue) -> None:
 
 
 def run(world: int, args) -> tuple[list, str, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=worker, args=(r, world, port, args, queue)) for r in range(world)]
-    for p in procs:
-        p.start()
-    result = queue.get(timeout=600)
-    for p in procs:
-        p.join()
-    return result
+    return run_ranks(worker, world, args, timeout_s=600)
 
 
 def table(world: int, result, args) -> str:

@@ -23,19 +23,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import time
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from dsv3_lightning.plugins.dualpipe.overlap import InterleavedOverlap
 from dsv3_lightning.plugins.expert_parallel.all_to_all import Comm
 from dsv3_lightning.plugins.expert_parallel.dispatcher import AllToAllTokenDispatcher
 from dsv3_lightning.plugins.expert_parallel.sharding import shard_experts
+from processes import run_ranks
 
 from dsv3_lightning import preset
 from dsv3_lightning.model.transformer import DeepSeekV3
@@ -82,7 +81,7 @@ def worker(rank: int, world: int, port: int, args, queue) -> None:
     stats = hook.interleaver.stats
     results = {"sequential": [], "overlapped": []}
     for i in range(args.warmup + args.repeats):
-        for mode in results:
+        for mode, times in results.items():
             model.zero_grad(set_to_none=True)
             stats.reset()
             dist.barrier()
@@ -90,7 +89,7 @@ def worker(rank: int, world: int, port: int, args, queue) -> None:
             one_f_one_b(model, microbatches, hook if mode == "overlapped" else None)
             elapsed = time.perf_counter() - start
             if i >= args.warmup:
-                results[mode].append((elapsed, stats.exposed_s, stats.collectives, stats.in_pairs))
+                times.append((elapsed, stats.exposed_s, stats.collectives, stats.in_pairs))
     gathered = [None] * world
     dist.all_gather_object(gathered, results)
     if rank == 0:
@@ -99,18 +98,7 @@ def worker(rank: int, world: int, port: int, args, queue) -> None:
 
 
 def run(args) -> list:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=worker, args=(r, args.world, port, args, queue)) for r in range(args.world)]
-    for p in procs:
-        p.start()
-    result = queue.get(timeout=1800)
-    for p in procs:
-        p.join()
-    return result
+    return run_ranks(worker, args.world, args)
 
 
 def table(gathered: list, args) -> str:
@@ -130,9 +118,11 @@ def table(gathered: list, args) -> str:
         rows.append((mode, step, exposed, collectives, in_pairs))
     (_, seq_step, seq_exposed, *_), (_, ov_step, ov_exposed, *_) = rows
     lines = [
-        f"**{args.world} gloo processes**, 1 thread each; per rank {args.microbatches} micro-batches of "
-        f"{args.tokens} tokens, hidden {args.hidden}, {args.layers} MoE layers of {args.experts} experts "
-        f"(top-{args.top_k}, intermediate {args.intermediate}); medians of {args.repeats} steps",
+        (
+            f"**{args.world} gloo processes**, 1 thread each; per rank {args.microbatches} micro-batches of "
+            f"{args.tokens} tokens, hidden {args.hidden}, {args.layers} MoE layers of {args.experts} experts "
+            f"(top-{args.top_k}, intermediate {args.intermediate}); medians of {args.repeats} steps"
+        ),
         "",
         "| pairs run | step ms | exposed all-to-all ms per step | all-to-alls per step | of which inside a pair |",
         "|---|---|---|---|---|",
@@ -141,8 +131,10 @@ def table(gathered: list, args) -> str:
         lines.append(f"| {mode} | {step * 1e3:.0f} | {exposed * 1e3:.1f} | {collectives} | {in_pairs} |")
     lines += [
         "",
-        f"Communication hidden: {1 - ov_exposed / seq_exposed:.0%} of the exposed all-to-all time; "
-        f"step time overlapped / sequential: {ov_step / seq_step:.2f}x",
+        (
+            f"Communication hidden: {1 - ov_exposed / seq_exposed:.0%} of the exposed all-to-all time; "
+            f"step time overlapped / sequential: {ov_step / seq_step:.2f}x"
+        ),
     ]
     return "\n".join(lines)
 

@@ -63,8 +63,8 @@ from dsv3_lightning.plugins.expert_parallel.sharding import (
     ExpertShard,
     full_optimizer_state,
     full_state_dict,
-    local_optimizer_state,
     local_state_dict,
+    sliced_optimizer_states,
     unshard_experts,
 )
 from dsv3_lightning.plugins.expert_parallel.strategy import check_model
@@ -360,11 +360,7 @@ class DualPipeStrategy(DDPStrategy):
     def load_optimizer_state_dict(self, checkpoint: dict[str, Any]) -> None:
         if not self._shards:
             return super().load_optimizer_state_dict(checkpoint)
-        states = [
-            local_optimizer_state(opt, state, self._shards)
-            for opt, state in zip(self.optimizers, checkpoint["optimizer_states"])
-        ]
-        super().load_optimizer_state_dict({**checkpoint, "optimizer_states": states})
+        super().load_optimizer_state_dict(sliced_optimizer_states(checkpoint, self.optimizers, self._shards))
 
     def _expert_comm(self, where: str) -> Comm:
         return self.mesh.comm(self.mesh.stage.expert_group, where)

@@ -166,3 +166,12 @@ def local_optimizer_state(optimizer, state: Mapping[str, Any], shards: list[Expe
                 entry[key] = shard.local_slice(value).clone()
         new_state[i] = entry
     return {**state, "state": new_state}
+
+
+def sliced_optimizer_states(checkpoint: Mapping[str, Any], optimizers, shards: list[ExpertShard]) -> dict[str, Any]:
+    """A Lightning ``checkpoint`` whose full optimizer states are sliced to this rank's expert shards
+    (what a strategy's ``load_optimizer_state_dict`` hands on)."""
+    states = [
+        local_optimizer_state(opt, state, shards) for opt, state in zip(optimizers, checkpoint["optimizer_states"])
+    ]
+    return {**checkpoint, "optimizer_states": states}

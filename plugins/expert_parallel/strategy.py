@@ -49,10 +49,10 @@ from dsv3_lightning.plugins.expert_parallel.sharding import (
     ExpertShard,
     full_optimizer_state,
     full_state_dict,
-    local_optimizer_state,
     local_state_dict,
     moe_layers,
     shard_experts,
+    sliced_optimizer_states,
     unshard_experts,
 )
 from lightning.pytorch.core.optimizer import LightningOptimizer
@@ -225,11 +225,7 @@ class ExpertParallelStrategy(DDPStrategy):
     def load_optimizer_state_dict(self, checkpoint) -> None:
         if not self._shards:
             return super().load_optimizer_state_dict(checkpoint)
-        states = [
-            local_optimizer_state(opt, state, self._shards)
-            for opt, state in zip(self.optimizers, checkpoint["optimizer_states"])
-        ]
-        super().load_optimizer_state_dict({**checkpoint, "optimizer_states": states})
+        super().load_optimizer_state_dict(sliced_optimizer_states(checkpoint, self.optimizers, self._shards))
 
     # ------------------------------------------------------------------ end
     @override
