@@ -13,7 +13,8 @@ Per action, in list order:
     B(s, m)    dy = recv(gradient) (last stage: 1/M); full backward; isend(dx) to prev(s)'s rank
     I(s, m)    dx only (weight part kept); isend(dx)      (first stage: nothing to send, all done at W)
     W(s, m)    the kept weight part
-    (F;B)      ``overlap(self, F, B)`` (overlap.py): by default the F, then the B
+    (F;B)      ``overlap(self, F, B)`` (overlap.py): by default the F, then the B; InterleavedOverlap
+               first receives both chunks' inputs (``receive_inputs``), then runs the chunks in turns
 
 Two messages between a pair of ranks can be in flight in both directions at once (forward-direction
 activations and reverse-direction gradients both go from rank r to r + 1), and gloo and NCCL match
@@ -67,6 +68,8 @@ class BidirectionalRuntime:
         self.plan, self.layout, self.pieces, self.rank = plan, plan.layout, pieces, rank
         self.group, self.hidden_shape, self.dtype, self.device = group, hidden_shape, dtype, device
         self.pipeline_order = plan.actions
+        self._received: dict[tuple[int, int, int, int], torch.Tensor] = {}
+        """Messages taken in ahead of their action (``receive_inputs``), by (from, kind, stage, mb)."""
         self.overlap: OverlapHook = run_sequentially
         """Runs each (F;B) pair (overlap.py); the default runs F, then B."""
 
@@ -84,9 +87,40 @@ class BidirectionalRuntime:
         )
 
     def _recv(self, from_stage: int, kind: int, stage: int, mb: int) -> torch.Tensor:
+        received = self._received.pop((from_stage, kind, stage, mb), None)
+        if received is not None:
+            return received
         buf = torch.empty(self.hidden_shape, dtype=self.dtype, device=self.device)
         dist.recv(buf, self._peer(from_stage), group=self.group, tag=self._tag(kind, stage, mb))
         return buf
+
+    def _input_of(self, action: _Action) -> tuple[int, int, int, int] | None:
+        """(from stage, kind, stage, micro-batch) of the message an F or B/I action starts by receiving."""
+        stage, mb = action.stage_index, action.microbatch_index
+        if action.computation_type == FORWARD:
+            prev = self.layout.prev_stage(stage)
+            return None if prev is None else (prev, 0, stage, mb)
+        if action.computation_type in (FULL_BACKWARD, BACKWARD_INPUT):
+            nxt = self.layout.next_stage(stage)
+            return None if nxt is None else (nxt, 1, stage, mb)
+        return None
+
+    def receive_inputs(self, actions: list[_Action]) -> None:
+        """Receives what ``actions`` start from (activations, gradients) before any of them runs, as
+        DeepSeek's DualPipe does before an overlapped (F;B) pair: inside the pair no chunk then waits
+        for a peer while the other chunk waits for its turn."""
+        pending = []
+        for action in actions:
+            key = self._input_of(action)
+            if key is None or key in self._received:
+                continue
+            from_stage, kind, stage, mb = key
+            buf = torch.empty(self.hidden_shape, dtype=self.dtype, device=self.device)
+            work = dist.irecv(buf, self._peer(from_stage), group=self.group, tag=self._tag(kind, stage, mb))
+            pending.append(work)
+            self._received[key] = buf
+        for work in pending:
+            work.wait()
 
     # ------------------------------------------------------------------ compute
     def _piece(self, stage: int) -> PipelinePiece:
@@ -154,6 +188,7 @@ class BidirectionalRuntime:
         """Runs the whole schedule on ``tokens_mbs`` (all M micro-batches); returns the losses of the
         micro-batches whose last stage is on this rank, by micro-batch index."""
         self._tokens, self._chunks, self._sends, self.losses = tokens_mbs, {}, [], {}
+        self._received = {}
         for action in self.plan.actions[self.rank]:
             if action.computation_type == OVERLAP_F_B:
                 self.overlap(self, *action.sub_actions)
@@ -162,4 +197,5 @@ class BidirectionalRuntime:
         for _, work in self._sends:
             work.wait()
         assert not self._chunks, f"unfinished chunks {sorted(self._chunks)}"
+        assert not self._received, f"received but unused {sorted(self._received)}"
         return self.losses

@@ -61,4 +61,5 @@ class InterleavedOverlap:
         return count
 
     def __call__(self, runtime: BidirectionalRuntime, forward: _Action, backward: _Action) -> None:
+        runtime.receive_inputs([forward, backward])  # the only blocking waits left in the pair: all-to-alls
         self.interleaver.run_pair(lambda: runtime.run_action(forward), lambda: runtime.run_action(backward))

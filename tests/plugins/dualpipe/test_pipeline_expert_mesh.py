@@ -33,7 +33,10 @@ CASES = {  # world size -> (schedule, pipeline_parallel_size, expert_parallel_si
         ("dualpipe-overlap", 2, 2, 8),  # (F;B) pairs in turns, all-to-alls in flight under the other chunk
         ("dualpipev", 2, 1, 4),  # D = 2 whole pipelines, data parallel, experts not sharded
     ],
-    8: [("dualpipe-overlap", 2, 2, 4)],  # D = 2: expert shards summed over the data group too
+    8: [
+        ("dualpipe-overlap", 2, 2, 4),  # D = 2: expert shards summed over the data group too
+        ("dualpipe-overlap", 4, 2, 8),  # P = 4: pairs whose chunks feed each other's neighbours
+    ],
 }
 BATCH = 16  # global: 8 windows per pipeline when D·E = 2, 4 when D·E = 4
 TOLERANCE = 1e-6  # relative, as test_equivalence.py
