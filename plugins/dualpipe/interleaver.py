@@ -25,7 +25,9 @@ collectives issued: with the same work run in pairs and run one chunk after the 
 of communication hidden is ``1 - exposed(pairs) / exposed(sequential)`` (benchmarks/overlap_comm.py).
 
 On CUDA the autograd engine runs a backward on its device threads, not on the caller's: that chunk's
-collectives are then not recognised and wait where they are issued (no overlap, same results).
+collectives are then not recognised and wait where they are issued (no overlap, same results), and
+NCCL's ``wait`` does not block the host, so ``stats`` would not measure communication. The pipeline
+that uses this (schedule "dualpipe") runs on gloo only; on GPUs the mechanism is untested.
 """
 
 from __future__ import annotations
@@ -35,9 +37,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 import torch.distributed as dist
 
 FORWARD_SLOT, BACKWARD_SLOT = 0, 1
+
+
+class ChunkAborted(RuntimeError):
+    """Raised in one chunk of a pair at its next collective when the other chunk has failed."""
 
 
 @dataclass
@@ -62,37 +69,50 @@ class ChunkInterleaver:
         """Thread id -> slot (FORWARD_SLOT on the caller, BACKWARD_SLOT on the worker) during a pair."""
         self._turn = FORWARD_SLOT
         self._finished: set[int] = set()
+        self._failed = False
         self.stats = CommStats()
 
     # ------------------------------------------------------------------ the pair
     def run_pair(self, forward: Callable[[], None], backward: Callable[[], None]) -> None:
         """Runs ``forward`` on this thread and ``backward`` on a worker, forward first; returns when both
-        are done and raises the first error of either."""
+        are done. If either fails, the other stops at its next collective (``ChunkAborted``), instead of
+        waiting for peers until the collectives time out, and the first error is raised here."""
         errors: list[BaseException] = []
+        device = torch.cuda.current_device() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
 
         def worker() -> None:
+            if device is not None:
+                torch.cuda.set_device(device)  # the current device is per thread
             self._enter(BACKWARD_SLOT)
             try:
-                backward()
+                if not self._failed:
+                    backward()
             except BaseException as err:  # noqa: BLE001 - re-raised on the caller's thread
                 errors.append(err)
+                self._failed = True
             finally:
                 self._finish(BACKWARD_SLOT)
 
         with self._cond:
-            self._slots, self._finished, self._turn = {}, set(), FORWARD_SLOT
+            self._slots, self._finished, self._turn, self._failed = {}, set(), FORWARD_SLOT, False
             self._slots[threading.get_ident()] = FORWARD_SLOT
-        thread = threading.Thread(target=worker, name="dsv3-overlap-backward", daemon=True)
-        thread.start()
+        thread = None
         try:
+            thread = threading.Thread(target=worker, name="dsv3-overlap-backward", daemon=True)
+            thread.start()
             forward()
+        except BaseException as err:  # noqa: BLE001 - re-raised below, after the backward stopped
+            self._failed = True
+            errors.insert(0, err)
         finally:
             self._finish(FORWARD_SLOT)
-            thread.join()
+            if thread is not None and thread.ident is not None:
+                thread.join()
             with self._cond:
                 self._slots = {}
-        if errors:
-            raise errors[0]
+        first = next((e for e in errors if not isinstance(e, ChunkAborted)), errors[0] if errors else None)
+        if first is not None:
+            raise first
 
     def _enter(self, slot: int) -> None:
         with self._cond:
@@ -115,6 +135,8 @@ class ChunkInterleaver:
                 self._turn = 1 - slot
                 self._cond.notify_all()
                 self._cond.wait_for(lambda: self._turn == slot)
+            if slot is not None and self._failed:
+                raise ChunkAborted(f"the other chunk of this (F;B) pair failed; {what or 'a collective'} not waited for")
         start = time.perf_counter()
         work.wait()
         self.stats.exposed_s += time.perf_counter() - start

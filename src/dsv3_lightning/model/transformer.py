@@ -39,6 +39,9 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.recompute = False
+        self.compile_options: dict | None = None
+        """``torch.compile`` options when the blocks run compiled (``compile_blocks``), else None."""
+        self._compiled = None
 
     def set_recomputation(self, enabled: bool) -> None:
         """V3's memory trick (SPEC.md §3.2): recompute the attention input's RMSNorm with the MLA
@@ -62,19 +65,30 @@ class DecoderLayer(nn.Module):
         return h_BSD + self.mlp(self.post_attention_layernorm(h_BSD))
 
     def forward(self, h_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        return self.mlp_block(self.attention_block(h_BSD, cos, sin))
+        if self.compile_options is None:
+            return self.mlp_block(self.attention_block(h_BSD, cos, sin))
+        attention_block, mlp_block = self._compiled_blocks()
+        return mlp_block(attention_block(h_BSD, cos, sin))
 
     def compile_blocks(self, **options) -> None:
-        """``torch.compile``s what compiles well: the attention block, the MLP's input norm and the
-        dense MLP or the shared experts. The routed path (router, token sort, grouped matmul) stays
-        eager: its shapes depend on the routing (``bincount``), and torch's ``grouped_mm`` has no
-        float32 kernel for the compiler's fake tensors. ``options`` go to ``torch.compile``."""
-        self.attention_block = torch.compile(self.attention_block, **options)
-        self.post_attention_layernorm.compile(**options)
-        if isinstance(self.mlp, MLP):
-            self.mlp.compile(**options)
-        elif self.mlp.shared_experts is not None:
-            self.mlp.shared_experts.compile(**options)
+        """Runs the attention block, and the MLP block of a dense layer, through ``torch.compile``
+        (``options`` go to it). A MoE layer's MLP block stays eager: the routed path's shapes depend on
+        the routing (``bincount``), and torch's ``grouped_mm`` has no float32 kernel for the compiler's
+        fake tensors. The compiled functions are built on first use and never copied or pickled (a
+        copy of the layer compiles its own), so that a deep copy (EMA, SWA) runs its own weights."""
+        self.compile_options = options
+        self._compiled = None
+
+    def _compiled_blocks(self):
+        if self._compiled is None:
+            mlp_block = self.mlp_block if isinstance(self.mlp, MoE) else torch.compile(self.mlp_block, **self.compile_options)
+            self._compiled = (torch.compile(self.attention_block, **self.compile_options), mlp_block)
+        return self._compiled
+
+    def __getstate__(self) -> dict:
+        state = dict(super().__getstate__())
+        state["_compiled"] = None
+        return state
 
 
 class DeepSeekV3Model(nn.Module):
@@ -171,7 +185,7 @@ class DeepSeekV3(nn.Module):
         return CausalLMOutput(logits=self.head(hidden), hidden_states=hidden)
 
     def compile_blocks(self, **options) -> None:
-        """Compiles every decoder layer's attention block, norms and dense MLPs (``DecoderLayer.compile_blocks``)."""
+        """Compiles every decoder layer's attention block and dense MLP block (``DecoderLayer.compile_blocks``)."""
         for layer in self.model.layers:
             layer.compile_blocks(**options)
 

@@ -51,22 +51,33 @@ def test_chunks_take_turns_at_each_collective():
     assert interleaver.stats.in_pairs == 4
 
 
-@pytest.mark.parametrize("failing", ["forward", "backward"])
-def test_an_error_in_either_chunk_reaches_the_caller(failing):
+@pytest.mark.parametrize(("failing", "ran"), [("forward", [0]), ("backward", [0, 1])])
+def test_an_error_stops_the_other_chunk_at_its_next_collective(failing, ran):
     interleaver = ChunkInterleaver()
-    ran = []
+    progress = []
 
     def ok():
-        interleaver.wait(_Done())
-        ran.append("ok")
+        for i in range(3):
+            progress.append(i)
+            interleaver.wait(_Done())
 
     def fail():
+        interleaver.wait(_Done())
         raise ValueError("boom")
 
-    chunks = (fail, ok) if failing == "forward" else (ok, fail)
+    with pytest.raises(ValueError, match="boom"):  # the error itself, not the other chunk's ChunkAborted
+        interleaver.run_pair(*((fail, ok) if failing == "forward" else (ok, fail)))
+    assert progress == ran  # stopped at its next collective rather than waiting for peers that will not come
+
+
+def test_a_forward_that_fails_at_once_skips_the_backward():
+    interleaver = ChunkInterleaver()
+    ran = []
     with pytest.raises(ValueError, match="boom"):
-        interleaver.run_pair(*chunks)
-    assert ran == ["ok"]  # the other chunk still ran to its end
+        interleaver.run_pair(lambda: (_ for _ in ()).throw(ValueError("boom")), lambda: ran.append("B"))
+    assert ran == []
+    interleaver.run_pair(lambda: ran.append("F"), lambda: ran.append("B"))  # the next pair runs normally
+    assert ran == ["F", "B"]
 
 
 def _free_port() -> int:
