@@ -1,14 +1,12 @@
 """Step time as routed experts grow at a fixed number of activated experts (8, 64, 256; top-4).
 
-    python benchmarks/moe_scaling.py [--repeats 10] [--experts 8 64 256] [--grouped-mm]
+    python benchmarks/moe_scaling.py [--repeats 10] [--experts 8 64 256]
 
 One model per expert count (tiny.yaml's shape otherwise: hidden 256, 3 MoE layers, 4 experts per
 token, 1 shared), trained on the same batch of 8 x 256 tokens in float32: forward + backward, then a
 fused AdamW step, timed separately, the variants interleaved round-robin, median of ``--repeats``.
 DeepSeekMoE's promise is that the cost follows the activated parameters, not the total: forward +
 backward should stay flat while the optimizer, which touches every parameter, grows with the total.
-``--grouped-mm`` adds, for every expert count, the same model with the experts' CPU padded batched
-matmul turned off (``GroupedExperts.max_cpu_padding = 0``: torch's ``grouped_mm``) in the rotation.
 """
 
 from __future__ import annotations
@@ -27,17 +25,12 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--experts", type=int, nargs="+", default=[8, 64, 256])
-    parser.add_argument("--grouped-mm", action="store_true", help="also time torch's grouped_mm (no padding)")
     args = parser.parse_args()
     models, optimizers = {}, {}
     for n in args.experts:
-        for key in [n, (n, "grouped_mm")] if args.grouped_mm else [n]:
-            torch.manual_seed(0)
-            models[key] = DeepSeekV3(preset("tiny", n_routed_experts=n, num_experts_per_tok=4, n_group=4, topk_group=2))
-            optimizers[key] = torch.optim.AdamW(models[key].parameters(), lr=1e-4, fused=True)
-            if key != n:
-                for moe in models[key].moe_layers():
-                    moe.experts.max_cpu_padding = 0
+        torch.manual_seed(0)
+        models[n] = DeepSeekV3(preset("tiny", n_routed_experts=n, num_experts_per_tok=4, n_group=4, topk_group=2))
+        optimizers[n] = torch.optim.AdamW(models[n].parameters(), lr=1e-4, fused=True)
     tokens = torch.randint(0, 4096, (8, 257), generator=torch.Generator().manual_seed(0))
     times = {n: {"fwd+bwd": [], "optimizer": []} for n in models}
 
@@ -61,18 +54,13 @@ def main() -> None:
     ref = {k: statistics.median(v) for k, v in times[base].items()}
     print(f"\ntiny shape, top-4 of N routed experts + 1 shared, batch 8 x 256, float32, {torch.get_num_threads()} "
           f"threads, median of {args.repeats} interleaved steps\n")
-    extra = " torch grouped_mm fwd+bwd s | padded speed-up |" if args.grouped_mm else ""
-    print(f"| routed experts | total params | activated | fwd+bwd s | vs {base} | fused AdamW s | vs {base} |{extra}")
-    print("|---|---|---|---|---|---|---|" + ("---|---|" if args.grouped_mm else ""))
-    for n in args.experts:
-        total, activated = models[n].num_parameters()
+    print(f"| routed experts | total params | activated | fwd+bwd s | vs {base} | fused AdamW s | vs {base} |")
+    print("|---|---|---|---|---|---|---|")
+    for n, model in models.items():
+        total, activated = model.num_parameters()
         fb, opt = (statistics.median(times[n][k]) for k in ("fwd+bwd", "optimizer"))
-        row = (f"| {n} | {total / 1e6:.1f}M | {activated / 1e6:.2f}M | {fb:.3f} | {fb / ref['fwd+bwd']:.2f}x | "
-               f"{opt:.3f} | {opt / ref['optimizer']:.2f}x |")
-        if args.grouped_mm:
-            plain = statistics.median(times[(n, "grouped_mm")]["fwd+bwd"])
-            row += f" {plain:.3f} | {plain / fb:.2f}x |"
-        print(row)
+        print(f"| {n} | {total / 1e6:.1f}M | {activated / 1e6:.2f}M | {fb:.3f} | {fb / ref['fwd+bwd']:.2f}x | "
+              f"{opt:.3f} | {opt / ref['optimizer']:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -86,34 +86,6 @@ def test_grouped_mm_matches_a_per_expert_loop():
     assert experts.gate_up_proj.grad[1].abs().sum() == 0 and experts.gate_up_proj.grad[0].abs().sum() > 0
 
 
-def test_padded_group_mm_equals_grouped_mm_and_declines_unbalanced_groups():
-    from dsv3_lightning.model.moe import padded_group_mm
-
-    torch.manual_seed(0)
-    w = torch.randn(4, 6, 16, requires_grad=True)
-    counts = torch.tensor([3, 0, 4, 3])  # padded to 4 x 4 rows for 10: 1.6x
-    offsets = counts.cumsum(0).to(torch.int32)
-    x = torch.randn(10, 16, requires_grad=True)
-    grad = torch.randn(10, 6)
-    y = padded_group_mm(x, w, offsets, max_padding=2.0)
-    y.backward(grad)
-    reference = torch.cat([x[s : s + n] @ w[e].T for e, (s, n) in enumerate(zip([0, 3, 3, 7], counts.tolist()))])
-    torch.testing.assert_close(y, reference)
-    want_x, want_w = torch.autograd.grad(reference, (x, w), grad)
-    torch.testing.assert_close(x.grad, want_x)
-    torch.testing.assert_close(w.grad, want_w)
-    assert padded_group_mm(x, w, offsets, max_padding=1.5) is None  # 16 padded rows > 1.5 x 10
-    unbalanced = torch.tensor([10, 0, 0, 0]).cumsum(0).to(torch.int32)
-    assert padded_group_mm(x, w, unbalanced, max_padding=2.0) is None  # 40 rows for 10
-    experts = GroupedExperts(4, 16, 4)  # falls back to grouped_mm and still computes expert 0's rows
-    torch.nn.init.normal_(experts.gate_up_proj)
-    torch.nn.init.normal_(experts.down_proj)
-    gate, up = (x @ experts.gate_up_proj[0].T).chunk(2, dim=-1)
-    torch.testing.assert_close(
-        experts(x, torch.tensor([10, 0, 0, 0])), (torch.nn.functional.silu(gate) * up) @ experts.down_proj[0].T
-    )
-
-
 def test_bias_stays_float32_when_model_is_cast(model):
     router = model.routers()[0]
     router.e_score_correction_bias.fill_(1e-4 + 1e-9)

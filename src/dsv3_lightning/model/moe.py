@@ -47,23 +47,6 @@ def _contiguous_grad(grad: torch.Tensor) -> torch.Tensor:
     return grad.contiguous()
 
 
-def padded_group_mm(
-    x_NI: torch.Tensor, w_EOI: torch.Tensor, offsets_E: torch.Tensor, max_padding: float
-) -> torch.Tensor | None:
-    """Rows of group e (``offsets[e-1]:offsets[e]``) of x times w[e]^T as one ``bmm``: the groups are
-    copied into an [E, largest group, I] buffer, zero-padded. None when that buffer would hold more than
-    ``max_padding`` times the N rows (an unbalanced routing), so that the caller can do it otherwise."""
-    counts = torch.diff(offsets_E.long(), prepend=offsets_E.new_zeros(1, dtype=torch.long))
-    num_groups, rows = counts.numel(), x_NI.shape[0]
-    capacity = int(counts.max()) if num_groups else 0
-    if rows == 0 or num_groups * capacity > max_padding * rows:
-        return None
-    group = torch.repeat_interleave(torch.arange(num_groups, device=x_NI.device), counts, output_size=rows)
-    slot = torch.arange(rows, device=x_NI.device) - (offsets_E.long() - counts)[group]
-    padded = x_NI.new_zeros(num_groups, capacity, x_NI.shape[1]).index_put((group, slot), x_NI)
-    return torch.bmm(padded, w_EOI.transpose(-2, -1))[group, slot]
-
-
 class GroupedExperts(nn.Module):
     """All routed experts of one layer as stacked weights, applied to tokens already sorted by expert."""
 
@@ -72,22 +55,13 @@ class GroupedExperts(nn.Module):
         self.num_experts = num_experts
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
-        self.max_cpu_padding = 2.0
 
     def grouped_mm(self, x_NI: torch.Tensor, w_EOI: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
         """The grouped-matmul seam: rows offsets[e-1]:offsets[e] of x times w[e]^T, for every expert e.
 
-        On CPU, when padding every group to the largest costs at most ``max_cpu_padding`` times the
-        rows (2; 0 turns it off), one batched matmul over the padded groups (``padded_group_mm``):
-        torch's CPU ``grouped_mm`` runs one matmul per group, whose overhead dominates with many
-        experts of few tokens each. Otherwise ``torch.nn.functional.grouped_mm`` where this torch has it
-        (one kernel on GPUs), else a loop over experts. Override to change the arithmetic (FP8) of
-        every expert at once.
+        Uses ``torch.nn.functional.grouped_mm`` where this torch has it (one kernel, CPU and GPU), else a
+        loop over experts. Override to change the arithmetic (FP8) of every expert at once.
         """
-        if x_NI.device.type == "cpu" and self.max_cpu_padding > 0:
-            y = padded_group_mm(x_NI, w_EOI, offsets_E, max_padding=self.max_cpu_padding)
-            if y is not None:
-                return y
         if hasattr(F, "grouped_mm") and x_NI.dtype in (torch.float32, torch.bfloat16):
             y = F.grouped_mm(x_NI, w_EOI.transpose(-2, -1), offs=offsets_E)
             if y.requires_grad:  # grouped_mm's backward rejects broadcast (stride-0) gradients
