@@ -4,9 +4,11 @@ and the reading of a Lightning run's CSV metrics."""
 from __future__ import annotations
 
 import csv
+import socket
 from pathlib import Path
 
 import torch
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 from dsv3_lightning.plugins.mtp import MultiTokenPrediction
 
@@ -81,3 +83,25 @@ def last(series: dict[int, float]) -> float:
     """The one step a resumed run logs (Lightning numbers it 3 after a restore at step 2)."""
     assert len(series) == 1, series
     return next(iter(series.values()))
+
+
+def fork_ranks(worker, world: int, out_dir) -> None:
+    """Runs ``worker(rank, world, port, out_dir)`` in ``world`` forked processes (forked, they share this
+    process's imports: spawning costs ~10 s of imports per process on this machine) and waits for them."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(worker, args=(world, port, str(out_dir)), nprocs=world, start_method="fork")
+
+
+def runs_per_world(tmp_path_factory, worker, prefix: str):
+    """world size -> the folder of ``worker``'s results, its processes forked once, on first use."""
+    done = {}
+
+    def run(world: int):
+        if world not in done:
+            done[world] = tmp_path_factory.mktemp(f"{prefix}{world}")
+            fork_ranks(worker, world, done[world])
+        return done[world]
+
+    return run

@@ -8,17 +8,15 @@ it uses (after the pipeline's gradient sum) and the action lists its schedule ob
 from __future__ import annotations
 
 import os
-import socket
 import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from dsv3_lightning.plugins.dualpipe.plans import build_plan
 from dsv3_lightning.plugins.dualpipe.runner import PipelineRunner
 from dsv3_lightning.plugins.dualpipe.simulator import ChunkCosts, simulate
-from dualpipe_tiny import make_module, make_tokens, reference
+from dualpipe_tiny import make_module, make_tokens, reference, runs_per_world
 
 CASES = {  # world size -> (schedule, num_microbatches, num_hidden_layers); "dualpipe-BF": pairs run B first
     2: [("1f1b", 4, 4), ("zb", 4, 4), ("dualpipev", 4, 4), ("dualpipe", 4, 4), ("dualpipe-BF", 8, 4)],
@@ -26,11 +24,6 @@ CASES = {  # world size -> (schedule, num_microbatches, num_hidden_layers); "dua
 }
 BATCH = 8
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
@@ -77,22 +70,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """world size -> the folder of its results; each process group is started once, on first use.
-
-    The processes are forked, so that they share this process's imports (spawning costs ~10 s of
-    imports per process on this machine); they set one thread each."""
-    done: dict[int, object] = {}
-
-    def run(world: int):
-        if world not in done:
-            out = tmp_path_factory.mktemp(f"pp{world}")
-            mp.start_processes(
-                _worker, args=(world, _free_port(), str(out)), nprocs=world, start_method="fork"
-            )
-            done[world] = out
-        return done[world]
-
-    return run
+    """world size -> the folder of its results; each process group runs once, on first use."""
+    return runs_per_world(tmp_path_factory, _worker, "pp")
 
 
 ALL = [(world, i) for world in CASES for i in range(len(CASES[world]))]

@@ -8,20 +8,18 @@ gradients, with the all-to-alls of both chunks issued inside pairs.
 from __future__ import annotations
 
 import os
-import socket
 import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from dsv3_lightning.plugins.dualpipe.interleaver import ChunkInterleaver
 from dsv3_lightning.plugins.dualpipe.overlap import InterleavedOverlap
 from dsv3_lightning.plugins.expert_parallel.all_to_all import Comm
 from dsv3_lightning.plugins.expert_parallel.dispatcher import AllToAllTokenDispatcher
 from dsv3_lightning.plugins.expert_parallel.sharding import shard_experts
-from dualpipe_tiny import make_module, make_tokens
+from dualpipe_tiny import fork_ranks, make_module, make_tokens
 
 
 class _Done:
@@ -80,11 +78,6 @@ def test_a_forward_that_fails_at_once_skips_the_backward():
     assert ran == ["F", "B"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _loss(module, tokens):
     inputs, targets = module._split(tokens)
@@ -138,7 +131,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 def test_overlapped_pairs_equal_sequential_ones_with_expert_parallelism(tmp_path):
     world = 2
-    mp.start_processes(_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, start_method="fork")
+    fork_ranks(_worker, world, tmp_path)
     for rank in range(world):
         result = torch.load(tmp_path / f"{rank}.pt", weights_only=False)
         assert result["layers"] >= 2

@@ -10,19 +10,17 @@ global gradient norm that clipping would use; the test compares them with a sing
 from __future__ import annotations
 
 import os
-import socket
 import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from dsv3_lightning.plugins.dualpipe.grad_sync import clip_global_norm, reduce_gradients
 from dsv3_lightning.plugins.dualpipe.mesh import PipelineMesh
 from dsv3_lightning.plugins.dualpipe.overlap import InterleavedOverlap
 from dsv3_lightning.plugins.dualpipe.plans import build_plan
 from dsv3_lightning.plugins.dualpipe.runner import PipelineRunner
-from dualpipe_tiny import make_module, make_tokens, reference
+from dualpipe_tiny import make_module, make_tokens, reference, runs_per_world
 
 CASES = {  # world size -> (schedule, pipeline_parallel_size, expert_parallel_size, num_microbatches)
     4: [
@@ -45,11 +43,6 @@ TOLERANCE = 1e-6  # relative, as test_equivalence.py
 def case_id(world: int, schedule: str, p: int, e: int) -> str:
     return f"{schedule}-pp{p}-ep{e}-dp{world // (p * e)}"
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def pipeline_tokens(tokens: torch.Tensor, index: int, num_pipelines: int) -> torch.Tensor:
@@ -109,20 +102,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """world size -> the folder of its results; the processes are forked once per world size, on first
-    use, for all its cases (they share this process's imports)."""
-    done = {}
-
-    def run(world: int):
-        if world not in done:
-            out = tmp_path_factory.mktemp(f"mesh{world}")
-            mp.start_processes(
-                _worker, args=(world, _free_port(), str(out)), nprocs=world, start_method="fork"
-            )
-            done[world] = out
-        return done[world]
-
-    return run
+    """world size -> the folder of its results; the processes run all its cases, once, on first use."""
+    return runs_per_world(tmp_path_factory, _worker, "mesh")
 
 
 ALL = [(world, i) for world in CASES for i in range(len(CASES[world]))]
