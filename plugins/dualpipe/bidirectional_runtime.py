@@ -5,6 +5,9 @@ the first, the last index the last), so it cannot run two pipelines in opposite 
 same ranks. This runtime does, for ``bidirectional_layout``: stage s (forward direction, s < N) or
 N + s (reverse direction) runs piece s on rank s or N-1-s. It reuses torch's backward split
 (``_backward.stage_backward_input`` / ``stage_backward_weight``, what torch's stages use for I and W).
+It runs any layout's action lists (layout.py); for ``v_layout`` (DualPipeV's lists, taken from torch)
+the hand-over at the bottom of the V, between two stages of one rank, stays on the rank. The runner
+uses it for ``dualpipev`` when (F;B) pairs are to be overlapped, which torch's runtime does not do.
 
 Per action, in list order:
 
@@ -82,6 +85,10 @@ class BidirectionalRuntime:
 
     def _send(self, t: torch.Tensor, to_stage: int, kind: int, stage: int, mb: int) -> None:
         t = t.detach().contiguous()
+        if self.layout.stage_to_rank[to_stage] == self.rank:  # the V's turn (DualPipeV): same rank
+            sender = self.layout.prev_stage(to_stage) if kind == 0 else self.layout.next_stage(to_stage)
+            self._received[(sender, kind, stage, mb)] = t
+            return
         self._sends.append(
             (t, dist.isend(t, self._peer(to_stage), group=self.group, tag=self._tag(kind, stage, mb)))
         )

@@ -7,7 +7,8 @@ builds this rank's stages and the schedule that runs the plan's action lists:
 
     1f1b        torch PipelineStage x1, torch _PipelineScheduleRuntime fed our lists (baseline_actions.py)
     zb          torch PipelineStage x1, torch ScheduleInterleavedZeroBubble
-    dualpipev   torch PipelineStage x2, torch ScheduleDualPipeV
+    dualpipev   torch PipelineStage x2, torch ScheduleDualPipeV; with ``overlap``: ScheduleDualPipeV's lists
+                on BidirectionalRuntime (ours), whose (F;B) pairs the hook runs
     dualpipe    BidirectionalRuntime (ours), 2 pieces per rank, each piece on 2 ranks; (F;B) pairs by ``overlap``
 
 ``runner.pipeline_order`` is the compute-only action lists the schedule object really runs (for the
@@ -128,7 +129,7 @@ class PipelineRunner:
 
     # ------------------------------------------------------------------ schedule
     def _build(self, tokens_mb: torch.Tensor) -> None:
-        if self.plan.schedule == "dualpipe":
+        if self.plan.schedule == "dualpipe" or (self.plan.schedule == "dualpipev" and self.overlap is not None):
             check_backend(self.plan.schedule, dist.get_backend(self.group))
             b, s = tokens_mb.shape[0], tokens_mb.shape[1] - 1 - self.module.extra_tokens
             dtype = self.module.model.model.embed_tokens.weight.dtype

@@ -37,10 +37,9 @@ gathered back, so that every rank's module is whole again. Not supported yet, ea
 fix: loss terms registered by callbacks (sequence-wise balance loss), gradient accumulation (the
 micro-batches are the accumulation), ``predict``. Callbacks that read every router's last forward
 (ExpertLoadMonitor) see only the local stages' routers and the last micro-batch: leave them out. With
-expert parallelism under schedule "dualpipe", each (F;B) pair runs its forward and backward chunks in
-turns, so that each one's all-to-alls run under the other's computation (``overlap``; overlap.py);
-the other schedules run torch's runtime, whose pairs run one part after the other. The dispatch is not
-FP8 here.
+expert parallelism under schedules "dualpipe" and "dualpipev" (on gloo), each (F;B) pair runs its
+forward and backward chunks in turns, so that each one's all-to-alls run under the other's
+computation (``overlap``; overlap.py). The dispatch is not FP8 here.
 """
 
 from __future__ import annotations
@@ -92,11 +91,12 @@ class DualPipeStrategy(DDPStrategy):
         expert_parallel_size: Ranks at each pipeline position that share one copy of the routed
             experts, exchanging tokens by all-to-all; ``model.config.n_routed_experts`` must be a
             multiple. 1: every rank holds all experts.
-        overlap: Under schedule "dualpipe" with expert parallelism, run each (F;B) pair's chunks in
-            turns, every all-to-all started asynchronously and waited for only after the other chunk
-            has computed up to its own next all-to-all (overlap.py's InterleavedOverlap), instead of
-            one chunk after the other. Same results either way; no effect on the other schedules
-            (torch's runtime runs its pairs' parts in sequence) or without experts to exchange.
+        overlap: Under schedules "dualpipe" and "dualpipev" with expert parallelism on gloo, run each
+            (F;B) pair's chunks in turns, every all-to-all started asynchronously and waited for only
+            after the other chunk has computed up to its own next all-to-all (overlap.py's
+            InterleavedOverlap), instead of one chunk after the other; dualpipev's lists then run on
+            our runtime (torch's runs a pair's parts in sequence). Same results either way; no effect
+            on 1f1b and zb, on NCCL, or without experts to exchange.
         timeout: Seconds a collective may wait before the run fails with a clear error.
         start_method: How the processes start: "popen" (re-run the command, as ``dsv3 fit``), "spawn"
             or "fork" (in-process launch, for notebooks and tests).
@@ -217,8 +217,10 @@ class DualPipeStrategy(DDPStrategy):
         )
 
     def _overlap_hook(self) -> InterleavedOverlap | None:
-        if not (self.overlap and self.schedule == "dualpipe" and self._shards):
+        if not (self.overlap and self.schedule in ("dualpipe", "dualpipev") and self._shards):
             return None
+        if dist.get_backend(self.mesh.pipeline_group) != "gloo":
+            return None  # dualpipev stays on torch's runtime (our runtime tells messages apart by tag)
         hook = InterleavedOverlap()
         layers = hook.attach(self.lightning_module)
         rank_zero_info(f"dualpipe: (F;B) pairs overlapped, the all-to-alls of {layers} MoE layer(s) asynchronous")

@@ -29,6 +29,7 @@ CASES = {  # world size -> (schedule, pipeline_parallel_size, expert_parallel_si
         ("dualpipev", 2, 2, 4),
         ("dualpipe", 2, 2, 4),
         ("dualpipe-overlap", 2, 2, 8),  # (F;B) pairs in turns, all-to-alls in flight under the other chunk
+        ("dualpipev-overlap", 2, 2, 8),  # torch's DualPipeV lists on our runtime, pairs in turns
         ("dualpipev", 2, 1, 4),  # D = 2 whole pipelines, data parallel, experts not sharded
     ],
     8: [
