@@ -19,11 +19,12 @@ under computation and the bubbles shrink to (PP/2-1)(F&B+B-3W). This package:
   reduction and clipping of its gradients;
 - strategy.py: ``DualPipeStrategy``, the Lightning strategy (``trainer.strategy`` in YAML).
 
-Differences from DeepSeek's DualPipe: DualPipeStrategy runs the (F;B) pairs one after the other, so
-with expert parallelism the all-to-alls are not hidden under the other chunk (overlap.py's
-``InterleavedOverlap`` does that for the two-copy runtime; the strategy does not select it yet). The
-two-copy runtime matches messages by tag, which gloo honours; NCCL matches point-to-point messages in
-order, and is untested here.
+Differences from DeepSeek's DualPipe: the (F;B) pairs hide the expert-parallel all-to-alls by taking
+turns between a forward and a backward thread (interleaver.py), not by splitting the model into
+attention / dispatch / MLP / combine steps, and only on our runtime (``dualpipe``, and ``dualpipev``
+when overlapped), which tells messages apart by tag: gloo honours tags, NCCL matches point-to-point
+messages in order, so on NCCL ``dualpipe`` is refused and ``dualpipev`` runs torch's runtime without
+overlap.
 """
 
 from dsv3_lightning.plugins.dualpipe.plans import SCHEDULES, SchedulePlan, build_plan

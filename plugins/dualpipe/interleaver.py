@@ -26,8 +26,8 @@ of communication hidden is ``1 - exposed(pairs) / exposed(sequential)`` (benchma
 
 On CUDA the autograd engine runs a backward on its device threads, not on the caller's: that chunk's
 collectives are then not recognised and wait where they are issued (no overlap, same results), and
-NCCL's ``wait`` does not block the host, so ``stats`` would not measure communication. The pipeline
-that uses this (schedule "dualpipe") runs on gloo only; on GPUs the mechanism is untested.
+NCCL's ``wait`` does not block the host, so ``stats`` would not measure communication. The runtime
+that uses this (schedules "dualpipe" and "dualpipev") runs on gloo only; on GPUs it is untested.
 """
 
 from __future__ import annotations

@@ -10,14 +10,16 @@ where such an interleaving plugs in:
         def __call__(self, runtime, forward, backward):
             ...                              # e.g. F's dispatch issued async, B's MLP, F's MLP, ...
 
-    runtime.overlap = MyOverlap()            # BidirectionalRuntime (schedule "dualpipe")
+    runtime.overlap = MyOverlap()            # BidirectionalRuntime (schedule "dualpipe", or "dualpipev"
+                                             # when PipelineRunner is given an overlap hook)
 
 ``run_sequentially`` (the default) runs the forward, then the backward. ``InterleavedOverlap`` runs
 them as a ``ChunkInterleaver`` pair (interleaver.py): the forward computes until it issues an
 expert-parallel all-to-all, which starts asynchronously while the backward computes, until the
 backward issues one, and so on; the collectives' ``Comm.overlap`` must be the same interleaver
 (``attach``). Without expert parallelism in the pieces there is nothing to hide and the pair runs as
-the sequential one. torch's runtime (dualpipev) runs its OVERLAP_F_B sub-actions one after the other.
+the sequential one. torch's runtime runs its OVERLAP_F_B sub-actions one after the other, so
+PipelineRunner runs dualpipev's lists on our runtime when it is given a hook.
 """
 
 from __future__ import annotations

@@ -87,7 +87,8 @@ class PipelineRunner:
     ) -> None:
         self.module, self.plan, self.layout = module, plan, plan.layout
         self.overlap = overlap
-        """How the ``dualpipe`` runtime runs its (F;B) pairs (overlap.py); None: one after the other."""
+        """How our runtime runs its (F;B) pairs (overlap.py): ``dualpipe``'s, and ``dualpipev``'s, which
+        then runs on our runtime instead of torch's; None: one after the other, dualpipev on torch's."""
         self.group = group or dist.group.WORLD
         self.rank = dist.get_rank(self.group)
         if dist.get_world_size(self.group) != self.layout.num_ranks:

@@ -54,8 +54,8 @@ class DSV3LightningModule(L.LightningModule):
             config.json must describe the same shape as ``config``.
         recompute_activations: Recompute each block's attention-input RMSNorm and MLA up-projections
             in backward instead of storing them (DeepSeek-V3's memory trick; costs extra compute).
-        compile_blocks: ``torch.compile`` every decoder block's attention, norms and dense MLPs (the
-            routed experts stay eager; ``DecoderLayer.compile_blocks``). The first steps then take
+        compile_blocks: ``torch.compile`` every decoder block's attention block and a dense layer's
+            MLP block, norms included (a MoE layer's MLP block stays eager; ``DecoderLayer.compile_blocks``). The first steps then take
             longer (compilation); see the README's "Training speed" for what it gains.
     """
 
