@@ -93,12 +93,16 @@ class BidirectionalRuntime:
             (t, dist.isend(t, self._peer(to_stage), group=self.group, tag=self._tag(kind, stage, mb)))
         )
 
+    def _irecv(self, from_stage: int, kind: int, stage: int, mb: int) -> tuple[torch.Tensor, dist.Work]:
+        buf = torch.empty(self.hidden_shape, dtype=self.dtype, device=self.device)
+        return buf, dist.irecv(buf, self._peer(from_stage), group=self.group, tag=self._tag(kind, stage, mb))
+
     def _recv(self, from_stage: int, kind: int, stage: int, mb: int) -> torch.Tensor:
         received = self._received.pop((from_stage, kind, stage, mb), None)
         if received is not None:
             return received
-        buf = torch.empty(self.hidden_shape, dtype=self.dtype, device=self.device)
-        dist.recv(buf, self._peer(from_stage), group=self.group, tag=self._tag(kind, stage, mb))
+        buf, work = self._irecv(from_stage, kind, stage, mb)
+        work.wait()
         return buf
 
     def _input_of(self, action: _Action) -> tuple[int, int, int, int] | None:
@@ -121,11 +125,8 @@ class BidirectionalRuntime:
             key = self._input_of(action)
             if key is None or key in self._received:
                 continue
-            from_stage, kind, stage, mb = key
-            buf = torch.empty(self.hidden_shape, dtype=self.dtype, device=self.device)
-            work = dist.irecv(buf, self._peer(from_stage), group=self.group, tag=self._tag(kind, stage, mb))
+            self._received[key], work = self._irecv(*key)
             pending.append(work)
-            self._received[key] = buf
         for work in pending:
             work.wait()
 
