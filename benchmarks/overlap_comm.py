@@ -30,6 +30,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from dsv3_lightning.plugins.dualpipe.interleaver import one_f_one_b
 from dsv3_lightning.plugins.dualpipe.overlap import InterleavedOverlap
 from dsv3_lightning.plugins.expert_parallel.all_to_all import Comm
 from dsv3_lightning.plugins.expert_parallel.dispatcher import AllToAllTokenDispatcher
@@ -40,24 +41,12 @@ from dsv3_lightning import preset
 from dsv3_lightning.model.transformer import DeepSeekV3
 
 
-def one_f_one_b(model, microbatches, hook: InterleavedOverlap | None) -> None:
+def loss_of(model):
     def loss(tokens):
         logits = model(tokens[:, :-1]).logits
         return F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
 
-    losses = [loss(microbatches[0])]
-    for mb in microbatches[1:]:
-        previous = losses[-1]
-
-        def forward(mb=mb):
-            losses.append(loss(mb))
-
-        if hook is None:
-            forward()
-            previous.backward()
-        else:
-            hook.interleaver.run_pair(forward, previous.backward)
-    losses[-1].backward()
+    return loss
 
 
 def worker(rank: int, world: int, port: int, args, queue) -> None:
@@ -86,7 +75,7 @@ def worker(rank: int, world: int, port: int, args, queue) -> None:
             stats.reset()
             dist.barrier()
             start = time.perf_counter()
-            one_f_one_b(model, microbatches, hook if mode == "overlapped" else None)
+            one_f_one_b(loss_of(model), microbatches, hook.interleaver if mode == "overlapped" else None)
             elapsed = time.perf_counter() - start
             if i >= args.warmup:
                 times.append((elapsed, stats.exposed_s, stats.collectives, stats.in_pairs))

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -141,3 +141,29 @@ class ChunkInterleaver:
         work.wait()
         self.stats.exposed_s += time.perf_counter() - start
         self.stats.collectives += 1
+
+
+def one_f_one_b(
+    loss_of: Callable[[torch.Tensor], torch.Tensor],
+    microbatches: Sequence[torch.Tensor],
+    interleaver: ChunkInterleaver | None = None,
+) -> list[torch.Tensor]:
+    """Forward and backward of every micro-batch in DualPipe's steady-state order on one stage, F0,
+    (F1;B0), (F2;B1), ..., B(n-1): each pair run by ``interleaver`` (in turns) or, without one, its
+    forward then its backward. The overlap of expert parallelism's all-to-alls without a pipeline
+    (what benchmarks/overlap_comm.py times); gradients accumulate as for any order. Returns the
+    micro-batches' losses, detached."""
+    losses = [loss_of(microbatches[0])]
+    for mb in microbatches[1:]:
+        previous = losses[-1]
+
+        def forward(mb=mb) -> None:
+            losses.append(loss_of(mb))
+
+        if interleaver is None:
+            forward()
+            previous.backward()
+        else:
+            interleaver.run_pair(forward, previous.backward)
+    losses[-1].backward()
+    return [loss.detach() for loss in losses]

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from dsv3_lightning.plugins.dualpipe.interleaver import ChunkInterleaver
+from dsv3_lightning.plugins.dualpipe.interleaver import ChunkInterleaver, one_f_one_b
 from dsv3_lightning.plugins.dualpipe.overlap import InterleavedOverlap
 from dsv3_lightning.plugins.expert_parallel.all_to_all import Comm
 from dsv3_lightning.plugins.expert_parallel.dispatcher import AllToAllTokenDispatcher
@@ -84,24 +84,6 @@ def _loss(module, tokens):
     return F.cross_entropy(module.model(inputs).logits.flatten(0, 1), targets.flatten())
 
 
-def _one_f_one_b(module, microbatches, hook: InterleavedOverlap | None) -> list[float]:
-    """F0, (F1;B0), (F2;B1), ..., B(n-1): pairs run overlapped by ``hook``, or F then B."""
-    losses = [_loss(module, microbatches[0])]
-    for mb in microbatches[1:]:
-        previous = losses[-1]
-
-        def forward(mb=mb):
-            losses.append(_loss(module, mb))
-
-        if hook is None:
-            forward()
-            previous.backward()
-        else:
-            hook.interleaver.run_pair(forward, previous.backward)
-    losses[-1].backward()
-    return [loss.item() for loss in losses]
-
-
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -118,7 +100,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         for mode in ("sequential", "overlapped"):
             module.zero_grad(set_to_none=True)
             hook.interleaver.stats.reset()
-            losses = _one_f_one_b(module, microbatches, hook if mode == "overlapped" else None)
+            interleaver = hook.interleaver if mode == "overlapped" else None
+            losses = [loss.item() for loss in one_f_one_b(lambda mb: _loss(module, mb), microbatches, interleaver)]
             grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
             result[mode] = (losses, grads, hook.interleaver.stats.collectives, hook.interleaver.stats.in_pairs)
         torch.save(result, os.path.join(out_dir, f"{rank}.pt"))
