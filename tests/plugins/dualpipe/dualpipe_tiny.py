@@ -4,10 +4,13 @@ and the reading of a Lightning run's CSV metrics."""
 from __future__ import annotations
 
 import csv
+import os
 import socket
+import traceback
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from dsv3_lightning.plugins.mtp import MultiTokenPrediction
@@ -85,13 +88,46 @@ def last(series: dict[int, float]) -> float:
     return next(iter(series.values()))
 
 
+def _in_process_group(rank: int, world: int, port: int, out_dir: str, worker) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        worker(rank, world, out_dir)
+    except BaseException:  # start_processes reports only the first rank to fail: print every rank's error
+        traceback.print_exc()
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
 def fork_ranks(worker, world: int, out_dir) -> None:
-    """Runs ``worker(rank, world, port, out_dir)`` in ``world`` forked processes (forked, they share this
-    process's imports: spawning costs ~10 s of imports per process on this machine) and waits for them."""
+    """Runs ``worker(rank, world, out_dir)`` in ``world`` forked processes of one gloo group, one intra-op
+    thread each (forked, they share this process's imports: spawning costs ~10 s of imports per process
+    on this machine), and waits for them."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.start_processes(worker, args=(world, port, str(out_dir)), nprocs=world, start_method="fork")
+    mp.start_processes(
+        _in_process_group, args=(world, port, str(out_dir), worker), nprocs=world, start_method="fork"
+    )
+
+
+def assert_gradients_match(
+    ranks_grads: list[dict[str, torch.Tensor]], want: dict[str, torch.Tensor], tolerance: float, label: str
+) -> float:
+    """Every rank's gradients within ``tolerance`` (relative norm) of the single process's, and every
+    gradient of the single process found on some rank; returns the largest relative error."""
+    seen, worst = set(), 0.0
+    for rank, grads in enumerate(ranks_grads):
+        for name, grad in grads.items():
+            ref = want[name]
+            rel = float((grad - ref).norm() / ref.norm().clamp_min(1e-30))
+            assert rel < tolerance, f"{label} rank {rank} {name}: relative error {rel:.2e}"
+            worst = max(worst, rel)
+            seen.add(name)
+    assert seen == set(want), f"no rank has gradients for {sorted(set(want) - seen)}"
+    return worst
 
 
 def runs_per_world(tmp_path_factory, worker, prefix: str):

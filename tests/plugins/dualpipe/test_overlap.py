@@ -8,11 +8,9 @@ gradients, with the all-to-alls of both chunks issued inside pairs.
 from __future__ import annotations
 
 import os
-import traceback
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from dsv3_lightning.plugins.dualpipe.interleaver import ChunkInterleaver, one_f_one_b
 from dsv3_lightning.plugins.dualpipe.overlap import InterleavedOverlap
@@ -78,38 +76,28 @@ def test_a_forward_that_fails_at_once_skips_the_backward():
     assert ran == ["F", "B"]
 
 
-
 def _loss(module, tokens):
     inputs, targets = module._split(tokens)
     return F.cross_entropy(module.model(inputs).logits.flatten(0, 1), targets.flatten())
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        module = make_module(num_hidden_layers=3, mtp=False)
-        shard_experts(
-            module, rank, world, lambda name, e: AllToAllTokenDispatcher(Comm(None, 60.0, name), e, world)
-        )
-        hook = InterleavedOverlap()
-        layers = hook.attach(module)
-        microbatches = make_tokens(8, seed=rank).chunk(4)  # each rank its own tokens
-        result = {"layers": layers}
-        for mode in ("sequential", "overlapped"):
-            module.zero_grad(set_to_none=True)
-            hook.interleaver.stats.reset()
-            interleaver = hook.interleaver if mode == "overlapped" else None
-            losses = [loss.item() for loss in one_f_one_b(lambda mb: _loss(module, mb), microbatches, interleaver)]
-            grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
-            result[mode] = (losses, grads, hook.interleaver.stats.collectives, hook.interleaver.stats.in_pairs)
-        torch.save(result, os.path.join(out_dir, f"{rank}.pt"))
-    except BaseException:
-        traceback.print_exc()
-        raise
-    finally:
-        dist.destroy_process_group()
+def _worker(rank: int, world: int, out_dir: str) -> None:
+    module = make_module(num_hidden_layers=3, mtp=False)
+    shard_experts(
+        module, rank, world, lambda name, e: AllToAllTokenDispatcher(Comm(None, 60.0, name), e, world)
+    )
+    hook = InterleavedOverlap()
+    layers = hook.attach(module)
+    microbatches = make_tokens(8, seed=rank).chunk(4)  # each rank its own tokens
+    result = {"layers": layers}
+    for mode in ("sequential", "overlapped"):
+        module.zero_grad(set_to_none=True)
+        hook.interleaver.stats.reset()
+        interleaver = hook.interleaver if mode == "overlapped" else None
+        losses = [loss.item() for loss in one_f_one_b(lambda mb: _loss(module, mb), microbatches, interleaver)]
+        grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+        result[mode] = (losses, grads, hook.interleaver.stats.collectives, hook.interleaver.stats.in_pairs)
+    torch.save(result, os.path.join(out_dir, f"{rank}.pt"))
 
 
 def test_overlapped_pairs_equal_sequential_ones_with_expert_parallelism(tmp_path):

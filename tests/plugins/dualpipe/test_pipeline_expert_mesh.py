@@ -10,7 +10,6 @@ global gradient norm that clipping would use; the test compares them with a sing
 from __future__ import annotations
 
 import os
-import traceback
 
 import pytest
 import torch
@@ -20,7 +19,7 @@ from dsv3_lightning.plugins.dualpipe.mesh import PipelineMesh
 from dsv3_lightning.plugins.dualpipe.overlap import InterleavedOverlap
 from dsv3_lightning.plugins.dualpipe.plans import build_plan
 from dsv3_lightning.plugins.dualpipe.runner import PipelineRunner
-from dualpipe_tiny import make_module, make_tokens, reference, runs_per_world
+from dualpipe_tiny import assert_gradients_match, make_module, make_tokens, reference, runs_per_world
 
 CASES = {  # world size -> (schedule, pipeline_parallel_size, expert_parallel_size, num_microbatches)
     4: [
@@ -45,7 +44,6 @@ def case_id(world: int, schedule: str, p: int, e: int) -> str:
     return f"{schedule}-pp{p}-ep{e}-dp{world // (p * e)}"
 
 
-
 def pipeline_tokens(tokens: torch.Tensor, index: int, num_pipelines: int) -> torch.Tensor:
     """Pipeline ``index``'s slice, as the distributed sampler deals it (windows index, index + n, ...)."""
     return tokens[index::num_pipelines]
@@ -57,48 +55,39 @@ def _full(grad: torch.Tensor, group) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        for schedule, p, e, m in CASES[world]:
-            case = case_id(world, schedule, p, e)
-            mesh = PipelineMesh.create(p, e, timeout_s=60)
-            module = make_module(4)
-            shards = mesh.shard_experts(module)
-            hook = InterleavedOverlap() if schedule.endswith("-overlap") else None
-            if hook is not None:
-                hook.attach(module)
-            plan = build_plan(schedule.split("-")[0], p, m)
-            runner = PipelineRunner(module, plan, mesh.pipeline_group, overlap=hook)
-            tokens = pipeline_tokens(make_tokens(BATCH), mesh.pipeline_index, mesh.num_pipelines)
-            losses = runner.run_schedule(tokens)
-            runner.sync_gradients()
-            reduce_gradients(runner, mesh, shards)
-            norm = clip_global_norm(runner, mesh, shards, max_norm=float("inf"))
-            experts = {id(q) for shard in shards for q in shard.params()}
-            mine = runner.local_parameter_names()
-            grads = {}
-            for name, q in module.named_parameters():  # the same order on every rank of an expert group
-                if name in mine and q.grad is not None:
-                    full = _full(q.grad, mesh.stage.expert_group) if id(q) in experts else q.grad
-                    grads[name] = full.clone()
-            torch.save(
-                {
-                    "losses": {mesh.pipeline_index * m + i: loss for i, loss in losses.items()},
-                    "grads": grads,
-                    "norm": norm,
-                    "local_experts": shards[0].num_local_experts if shards else None,
-                    "in_pairs": hook.interleaver.stats.in_pairs if hook else None,
-                },
-                os.path.join(out_dir, f"{case}-{rank}.pt"),
-            )
-    except BaseException:  # spawn reports only the first rank to fail: print every rank's error
-        traceback.print_exc()
-        raise
-    finally:
-        dist.destroy_process_group()
+def _worker(rank: int, world: int, out_dir: str) -> None:
+    for schedule, p, e, m in CASES[world]:
+        case = case_id(world, schedule, p, e)
+        mesh = PipelineMesh.create(p, e, timeout_s=60)
+        module = make_module(4)
+        shards = mesh.shard_experts(module)
+        hook = InterleavedOverlap() if schedule.endswith("-overlap") else None
+        if hook is not None:
+            hook.attach(module)
+        plan = build_plan(schedule.split("-")[0], p, m)
+        runner = PipelineRunner(module, plan, mesh.pipeline_group, overlap=hook)
+        tokens = pipeline_tokens(make_tokens(BATCH), mesh.pipeline_index, mesh.num_pipelines)
+        losses = runner.run_schedule(tokens)
+        runner.sync_gradients()
+        reduce_gradients(runner, mesh, shards)
+        norm = clip_global_norm(runner, mesh, shards, max_norm=float("inf"))
+        experts = {id(q) for shard in shards for q in shard.params()}
+        mine = runner.local_parameter_names()
+        grads = {}
+        for name, q in module.named_parameters():  # the same order on every rank of an expert group
+            if name in mine and q.grad is not None:
+                full = _full(q.grad, mesh.stage.expert_group) if id(q) in experts else q.grad
+                grads[name] = full.clone()
+        torch.save(
+            {
+                "losses": {mesh.pipeline_index * m + i: loss for i, loss in losses.items()},
+                "grads": grads,
+                "norm": norm,
+                "local_experts": shards[0].num_local_experts if shards else None,
+                "in_pairs": hook.interleaver.stats.in_pairs if hook else None,
+            },
+            os.path.join(out_dir, f"{case}-{rank}.pt"),
+        )
 
 
 @pytest.fixture(scope="module")
@@ -135,15 +124,7 @@ def test_mesh_step_matches_one_process(runs, world, index):
         assert {run["local_experts"] for run in ranks} == {8 // e}  # the experts really were sharded
     if schedule.endswith("-overlap"):  # the pairs' all-to-alls were issued while the other chunk ran
         assert all(run["in_pairs"] > 0 for run in ranks), [run["in_pairs"] for run in ranks]
-    seen, worst = set(), 0.0
-    for rank, run in enumerate(ranks):
-        for name, grad in run["grads"].items():
-            ref = want_grads[name]
-            rel = float((grad - ref).norm() / ref.norm().clamp_min(1e-30))
-            assert rel < TOLERANCE, f"{case} rank {rank} {name}: relative error {rel:.2e}"
-            worst = max(worst, rel)
-            seen.add(name)
-    assert seen == set(want_grads), f"no rank has gradients for {sorted(set(want_grads) - seen)}"
+    worst = assert_gradients_match([run["grads"] for run in ranks], want_grads, TOLERANCE, case)
     want_norm = torch.stack([g.double().pow(2).sum() for g in want_grads.values()]).sum().sqrt().item()
     for run in ranks:  # clipping's norm: every parameter once, every rank the same number
         assert run["norm"] == pytest.approx(want_norm, rel=TOLERANCE)
