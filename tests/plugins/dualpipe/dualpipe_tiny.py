@@ -9,11 +9,14 @@ import socket
 import traceback
 from pathlib import Path
 
+import lightning as L
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from dsv3_lightning.plugins.mtp import MultiTokenPrediction
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
 
 from dsv3_lightning import preset
 from dsv3_lightning.module import DSV3LightningModule
@@ -69,6 +72,27 @@ def reference(module: DSV3LightningModule, tokens: torch.Tensor, num_microbatche
         losses.append(loss.detach())
     grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
     return torch.stack(losses), grads
+
+
+def make_trainer(root: Path, devices: int, strategy, *, max_steps: int, callbacks=(), **kwargs) -> L.Trainer:
+    """The Trainer of these tests: CPU, CSV logs and a checkpoint per epoch under ``root``, clipping by
+    norm at 0.05, the test's own samplers (``use_distributed_sampler=False``)."""
+    return L.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy=strategy or "auto",
+        max_steps=max_steps,
+        logger=CSVLogger(root, name="", version=""),
+        log_every_n_steps=1,
+        default_root_dir=root,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        gradient_clip_val=0.05,
+        use_distributed_sampler=False,
+        callbacks=[ModelCheckpoint(dirpath=root / "ckpt", save_top_k=-1, every_n_epochs=1), *callbacks],
+        **kwargs,
+    )
 
 
 def metrics(root: Path) -> dict[str, dict[int, float]]:

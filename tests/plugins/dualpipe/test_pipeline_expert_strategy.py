@@ -8,9 +8,7 @@ import lightning as L
 import pytest
 import torch
 from dsv3_lightning.plugins.dualpipe import DualPipeStrategy
-from dualpipe_tiny import last, make_module, make_tokens, metrics
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
+from dualpipe_tiny import last, make_module, make_tokens, make_trainer, metrics
 from torch.utils.data import DataLoader, Sampler
 
 WINDOWS = make_tokens(16, seed=1)  # 2 global batches of 8 per epoch
@@ -72,25 +70,10 @@ def fit(
             2, 4, schedule, expert_parallel_size=expert_parallel_size, start_method="fork", timeout=120
         )
         devices = 2 * expert_parallel_size
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=devices,
-        strategy=strategy or "auto",
-        max_steps=max_steps,
-        logger=CSVLogger(root, name="", version=""),
-        log_every_n_steps=1,
-        default_root_dir=root,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        gradient_clip_val=0.05,
-        callbacks=[ModelCheckpoint(dirpath=root / "ckpt", save_top_k=-1, every_n_epochs=1), ExpertsPerRank(), *callbacks],
-        use_distributed_sampler=False,
-        **kwargs,
-    )
     module = make_module()
     batch = GLOBAL_BATCH * 2 // devices if expert_parallel_size else GLOBAL_BATCH  # per pipeline
-    trainer.fit(
+    run = make_trainer(root, devices, strategy, max_steps=max_steps, callbacks=[ExpertsPerRank(), *callbacks], **kwargs)
+    run.fit(
         module,
         DataLoader(list(WINDOWS), batch_size=batch, sampler=ReplicaSampler(16, strategy)),
         DataLoader(list(WINDOWS[:8]), batch_size=batch, sampler=ReplicaSampler(8, strategy)),

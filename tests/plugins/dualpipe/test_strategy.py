@@ -10,9 +10,7 @@ import pytest
 import torch
 from dsv3_lightning.plugins.dualpipe import DualPipeStrategy
 from dsv3_lightning.plugins.load_balancing import SequenceBalanceLoss
-from dualpipe_tiny import last, make_module, make_tokens, metrics
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
+from dualpipe_tiny import last, make_module, make_tokens, make_trainer, metrics
 from torch.utils.data import DataLoader
 
 WINDOWS = make_tokens(16, seed=1)  # 2 batches of 8 per epoch
@@ -33,24 +31,8 @@ def fit(root: Path, schedule: str | DualPipeStrategy | None, *, max_steps: int =
         strategy = DualPipeStrategy(2, 4, schedule, start_method="fork")
     else:
         strategy = schedule or "auto"
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=2 if schedule else 1,
-        strategy=strategy,
-        max_steps=max_steps,
-        logger=CSVLogger(root, name="", version=""),
-        log_every_n_steps=1,
-        default_root_dir=root,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        check_val_every_n_epoch=1,
-        gradient_clip_val=0.05,
-        use_distributed_sampler=False,
-        callbacks=[ModelCheckpoint(dirpath=root / "ckpt", save_top_k=-1, every_n_epochs=1), *callbacks],
-    )
     module = make_module()
-    trainer.fit(
+    make_trainer(root, 2 if schedule else 1, strategy, max_steps=max_steps, callbacks=callbacks).fit(
         module,
         DataLoader(list(WINDOWS), batch_size=8),
         DataLoader(list(WINDOWS[:8]), batch_size=8),
