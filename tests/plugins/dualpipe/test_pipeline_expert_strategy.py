@@ -8,7 +8,7 @@ import lightning as L
 import pytest
 import torch
 from dsv3_lightning.plugins.dualpipe import DualPipeStrategy
-from dualpipe_tiny import last, make_module, make_tokens, make_trainer, metrics
+from dualpipe_tiny import assert_trained_alike, last, make_module, make_tokens, make_trainer, metrics
 from torch.utils.data import DataLoader, Sampler
 
 WINDOWS = make_tokens(16, seed=1)  # 2 global batches of 8 per epoch
@@ -81,20 +81,6 @@ def fit(
         weights_only=False,  # hparams hold a ModelConfig
     )
     return module, metrics(root)
-
-
-def assert_trained_alike(module, single_module) -> None:
-    """Whole (every tensor at its full shape) and moved as in one process to 0.1% of the movement (AdamW's
-    1/sqrt(v) shows rounding-level gradient differences of rarely routed experts, see test_strategy.py)."""
-    start = make_module().state_dict()
-    assert {k: v.shape for k, v in module.state_dict().items()} == {k: v.shape for k, v in start.items()}
-    for (name, a), b, a0 in zip(
-        module.state_dict().items(), single_module.state_dict().values(), start.values()
-    ):
-        if a.dtype.is_floating_point and not torch.equal(b, a0):
-            assert (a - b).abs().max() <= 1e-3 * (b - a0).abs().max(), name
-        else:
-            assert torch.equal(a, b), name
 
 
 @pytest.fixture(scope="module")
