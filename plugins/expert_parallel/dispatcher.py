@@ -29,6 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from dsv3_lightning.model.moe import gather_copies
 from dsv3_lightning.plugins.expert_parallel.all_to_all import Comm, all_to_all, all_to_all_counts
 
 
@@ -69,7 +70,7 @@ class AllToAllTokenDispatcher:
         recv_counts_RL = all_to_all_counts(counts_E, self.comm).view(R, L)
         send_splits = counts_E.view(R, L).sum(1).tolist()
         recv_splits = recv_counts_RL.sum(1).tolist()
-        x_sent = x_TD[order // top_k]
+        x_sent = gather_copies(x_TD, order, top_k)
         if self.fp8:  # the FP8 plugin is imported only by runs that ask for it
             from dsv3_lightning.plugins.expert_parallel.fp8_dispatch import fp8_all_to_all, fp8_bytes_per_row
 

@@ -98,6 +98,19 @@ class TokenDispatcher(Protocol):
         ...
 
 
+def gather_copies(x_TD: torch.Tensor, order_N: torch.Tensor, top_k: int) -> torch.Tensor:
+    """The N = T·K token copies in dispatch order: row n is token ``order_N[n] // top_k``.
+
+    Written as K copies of each token, then a permutation, rather than as ``x_TD[order_N // top_k]``:
+    the backward of an index with repeated rows is an accumulating scatter whose additions multithreaded
+    CPU kernels run in no fixed order (gradients differed in the last bits from run to run, which the
+    sign of the bias update then amplifies). Here the permutation writes each row once and the K copies
+    are summed by a reduction in a fixed order, so two runs, and a run and its resume, agree bitwise.
+    """
+    copies_ND = x_TD.unsqueeze(1).expand(-1, top_k, -1).flatten(0, 1)
+    return copies_ND[order_N]
+
+
 class LocalTokenDispatcher:
     """All experts on this process: a stable sort of the T·K copies by expert id."""
 
@@ -107,8 +120,7 @@ class LocalTokenDispatcher:
         flat_ids = topk_ids_TK.flatten()
         order = flat_ids.argsort(stable=True)
         tokens_per_expert = torch.bincount(flat_ids, minlength=num_experts)
-        top_k = topk_ids_TK.shape[1]
-        return x_TD[order // top_k], tokens_per_expert, DispatchPlan(order, x_TD.shape[0])
+        return gather_copies(x_TD, order, topk_ids_TK.shape[1]), tokens_per_expert, DispatchPlan(order, x_TD.shape[0])
 
     def combine(self, y_ND: torch.Tensor, topk_weights_TK: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         y_unsorted = torch.empty_like(y_ND)
