@@ -17,13 +17,13 @@ touches the counts the bias update consumes.
 from __future__ import annotations
 
 from collections import deque
-from pathlib import Path
 
 import lightning as L
 import torch
 import torchmetrics
 from dsv3_lightning.plugins.load_balancing._common import global_sum, moe_routers
 from dsv3_lightning.plugins.load_balancing.heatmap import load_heatmap, write_png
+from dsv3_lightning.rank_local import log_dir
 from lightning.pytorch.loggers import TensorBoardLogger
 
 
@@ -101,7 +101,7 @@ class ExpertLoadMonitor(L.Callback):
         logs = {"val/max_vio": vio_L.mean()}
         logs.update({f"val/max_vio/layer_{i}": v for i, v in zip(self.layer_ids, vio_L)})
         pl_module.log_dict({k: v.float() for k, v in logs.items()})
-        if self.heatmap and trainer.is_global_zero:
+        if self.heatmap and trainer.is_global_zero:  # no collective below: rank_local.log_dir
             self._write_heatmap(trainer, load_LE)
 
     def _write_heatmap(self, trainer: L.Trainer, load_LE: torch.Tensor) -> None:
@@ -110,8 +110,7 @@ class ExpertLoadMonitor(L.Callback):
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_image("val/expert_load", image_HW3, trainer.global_step, dataformats="HWC")
                 return
-        log_dir = trainer.log_dir or trainer.default_root_dir
-        write_png(Path(log_dir) / f"expert_load_step{trainer.global_step}.png", image_HW3)
+        write_png(log_dir(trainer) / f"expert_load_step{trainer.global_step}.png", image_HW3)
 
     def state_dict(self) -> dict:
         return {"recent": list(self._recent)}

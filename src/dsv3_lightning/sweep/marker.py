@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING
 
 import lightning as L
 
+from dsv3_lightning.rank_local import log_dir
+
 if TYPE_CHECKING:
     from dsv3_lightning.sweep.spec import Run
 
@@ -34,14 +36,14 @@ class FinishedMarker(L.Callback):
         self.started = time.perf_counter()
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.interrupted or not trainer.is_global_zero or trainer.log_dir is None:
+        if trainer.interrupted or not trainer.is_global_zero:  # rank 0 only: no trainer.log_dir (a broadcast)
             return
         record = {
             "fit_args": _fit_args(sys.argv),
             "global_step": trainer.global_step,
             "seconds": round(time.perf_counter() - self.started, 3),
         }
-        Path(trainer.log_dir, MARKER).write_text(json.dumps(record, indent=1) + "\n")
+        (log_dir(trainer) / MARKER).write_text(json.dumps(record, indent=1) + "\n")
 
 
 def _fit_args(argv: list[str]) -> list[str]:
