@@ -14,10 +14,14 @@ Gradient clipping is the Trainer's ``gradient_clip_val`` (1.0 in the configs, as
 Logged: ``train/loss`` (the total) and ``train/ce`` every step; ``val/loss``, ``val/ppl`` = exp(val/loss)
 and ``val/accuracy`` (top-1 next-token) per validation run, through torchmetrics so that they are
 exact over the whole split on any number of ranks; ``params/total`` and ``params/activated`` at start.
+
+A NaN or infinite loss or gradient stops the run before the optimizer applies it, or skips the step
+(``nonfinite``, guard.py); a checkpoint of non-finite weights is refused.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Callable
@@ -30,6 +34,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from dsv3_lightning.config import ModelConfig
+from dsv3_lightning.guard import NonFiniteGuard, check_state
 from dsv3_lightning.heads import PredictionHead, build_head, head_spec
 from dsv3_lightning.model import DeepSeekV3
 from dsv3_lightning.model.transformer import DecoderLayer
@@ -54,6 +59,9 @@ class DSV3LightningModule(L.LightningModule):
             config.json must describe the same shape as ``config``.
         recompute_activations: Recompute each block's attention-input RMSNorm and MLA up-projections
             in backward instead of storing them (DeepSeek-V3's memory trick; costs extra compute).
+        nonfinite: What a NaN or infinite loss or gradient does: stop the run before the optimizer
+            applies it (``action: raise``, the default) or skip the step (``action: skip``); see
+            ``dsv3_lightning.guard``. A checkpoint of non-finite weights is refused either way.
         compile_blocks: ``torch.compile`` every decoder block's attention block and a dense layer's
             MLP block, norms included (a MoE layer's MLP block stays eager; ``DecoderLayer.compile_blocks``). The first steps then take
             longer (compilation); see the README's "Training speed" for what it gains.
@@ -72,6 +80,7 @@ class DSV3LightningModule(L.LightningModule):
         init_from: str | None = None,
         recompute_activations: bool = False,
         compile_blocks: bool = False,
+        nonfinite: NonFiniteGuard = NonFiniteGuard(),  # noqa: B008  (copied below: each module its own)
     ) -> None:
         super().__init__()
         if learning_rate <= 0:
@@ -82,9 +91,13 @@ class DSV3LightningModule(L.LightningModule):
             raise ValueError(f"model.warmup_steps ({warmup_steps}) must be >= 0")
         if isinstance(config, dict):  # from a checkpoint's hyperparameters
             config = ModelConfig.from_dict(config, source="model.config")
+        if isinstance(nonfinite, dict):
+            nonfinite = NonFiniteGuard(**nonfinite)
         heads = [build_head(h) for h in heads or []]
         self.save_hyperparameters(ignore=["heads"])
         self.hparams["heads"] = [head_spec(h) for h in heads]  # so that checkpoints rebuild them
+        self.nonfinite = dataclasses.replace(nonfinite)  # a fresh guard: its counters are this run's
+        self.hparams["nonfinite"] = self.nonfinite.options()
         self.config = config
         self.model = DeepSeekV3.from_pretrained(init_from) if init_from else DeepSeekV3(config)
         if init_from and self.model.config != config:
@@ -223,6 +236,23 @@ class DSV3LightningModule(L.LightningModule):
         rank_zero_info(f"DeepSeek-V3 model: {total / 1e6:.2f}M parameters, {activated / 1e6:.2f}M activated per token")
         for logger in self.loggers:
             logger.log_metrics({"params/total": total, "params/activated": activated}, step=0)
+
+    # ------------------------------------------------------------------ the non-finite guard
+    def on_before_backward(self, loss: torch.Tensor) -> None:
+        self.nonfinite.keep_loss(loss)
+
+    def on_after_backward(self) -> None:
+        self.nonfinite.check(self)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        self.nonfinite.drop_if_skipped(self, optimizer)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        check_state(self.trainer, checkpoint["state_dict"], self.device)
+        checkpoint["nonfinite_guard"] = self.nonfinite.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.nonfinite.load_state_dict(checkpoint.get("nonfinite_guard", {}))
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):

@@ -40,14 +40,15 @@ SEQ = 8
 GLOBAL_BATCH = 8
 
 
-def make_module(mtp: bool = True, **changes) -> DSV3LightningModule:
+def make_module(mtp: bool = True, module_options: dict | None = None, **changes) -> DSV3LightningModule:
     torch.manual_seed(0)
     heads = [MultiTokenPrediction(depth=1, loss_weight=0.3)] if mtp else []
     # A constant learning rate (a resumed run's schedule then matches), and 1e-3: AdamW normalises each
     # update, which turns float32 summation-order noise in near-zero gradients into parameter noise of
     # order lr (at 1e-2 the shared expert drifts 2e-5 relative in 3 steps; at 1e-3, 1.5e-6).
     return DSV3LightningModule(
-        preset("tiny", **{**SHAPE, **changes}), heads, warmup_steps=0, learning_rate=1e-3, min_lr_ratio=1.0
+        preset("tiny", **{**SHAPE, **changes}), heads, warmup_steps=0, learning_rate=1e-3, min_lr_ratio=1.0,
+        **(module_options or {}),
     )
 
 
