@@ -63,6 +63,17 @@ class AdamWBF16(torch.optim.Optimizer):
                 p.add_(update.to(p.dtype), alpha=-group["lr"])
         return loss
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch's ``Optimizer.load_state_dict`` casts floating-point state to each parameter's dtype:
+        the moments come back in float32, then hold unrounded values (a resumed run would part from the
+        uninterrupted one) and twice the memory. They are cast back; bfloat16 -> float32 -> bfloat16 is
+        exact."""
+        super().load_state_dict(state_dict)
+        for state in self.state.values():
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in state:
+                    state[key] = state[key].to(torch.bfloat16)
+
     def state_bytes(self) -> int:
         """Bytes of optimizer state (the two moments), to compare with 8 bytes per parameter of AdamW."""
         return sum(

@@ -261,6 +261,31 @@ def test_adamw_bf16_tracks_float32_adamw_and_halves_the_state():
         AdamWBF16([a], lr=-1)
 
 
+def test_adamw_bf16_resumes_exactly_with_bf16_moments():
+    from dsv3_lightning.plugins.fp8 import AdamWBF16
+
+    torch.manual_seed(0)
+    grads = [torch.randn(64, 64) for _ in range(6)]
+    a = torch.nn.Parameter(torch.randn(64, 64))
+    b = torch.nn.Parameter(a.detach().clone())
+    straight = AdamWBF16([a], lr=1e-2)
+    for grad in grads:
+        a.grad = grad.clone()
+        straight.step()
+    first = AdamWBF16([b], lr=1e-2)
+    for grad in grads[:3]:
+        b.grad = grad.clone()
+        first.step()
+    resumed = AdamWBF16([b], lr=1e-2)
+    resumed.load_state_dict(first.state_dict())  # torch casts the moments to float32 here
+    assert {t.dtype for s in resumed.state.values() for t in s.values() if torch.is_tensor(t)} == {torch.bfloat16}
+    for grad in grads[3:]:
+        b.grad = grad.clone()
+        resumed.step()
+    assert torch.equal(a, b)
+    assert resumed.state_bytes() == straight.state_bytes()
+
+
 def test_deepseek_fp8_checkpoint_round_trip(tmp_path):
     import json
 
