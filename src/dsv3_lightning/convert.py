@@ -3,6 +3,7 @@
     dsv3 convert runs/tiny/version_0/checkpoints/last.ckpt hf_dir/      # .ckpt -> Hugging Face
     dsv3 convert hf_dir/ model.ckpt                                      # Hugging Face -> .ckpt
     dsv3 convert deepseek_fp8_dir/ hf_dir/                               # FP8 blocks -> dequantized
+    dsv3 convert last.ckpt hf_dir/ --overwrite                           # into a non-empty hf_dir/
 
 .ckpt -> Hugging Face: the checkpoint is memory-mapped (``torch.load(mmap=True)``) and assigned into
 a model built on the meta device, so no tensor is copied before it is written; safetensors shards of
@@ -18,22 +19,43 @@ time into their stacked tensor), so the process holds about one tensor at a time
 
 Hugging Face (DeepSeek's FP8 release, ``weight_scale_inv`` per 128x128 block) -> Hugging Face: the
 FP8 plugin's dequantizer, shard by shard.
+
+DST is never overwritten by surprise: a non-empty DST directory, or an existing DST file, is refused
+unless ``--overwrite`` is given (SRC itself always is). With it, DST's model files (``config.json``,
+``tokenizer.json``, ``model*.safetensors`` and the index) wait in a hidden folder inside DST while the
+conversion writes; the ones it does not write again (the shards of a larger model, the tokenizer of
+another run) are then deleted with the folder, so no stale weight or tokenizer is read beside the new
+ones, and a failed conversion leaves them in the folder and logs where. Other files are kept. One
+warning names what was replaced, removed and kept. Every file written gets the mode a new file has
+under the umask (0644 under the usual 022), whichever writer made it: safetensors' ``save_file``
+leaves 0600.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fnmatch
 import itertools
 import json
+import logging
 import math
+import os
+import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 
 from dsv3_lightning.config import ModelConfig
 from dsv3_lightning.heads import build_head
-from dsv3_lightning.hf import config_from_hf, extra_layer_indices
+from dsv3_lightning.hf import CONFIG_NAME, INDEX_FILE, config_from_hf, extra_layer_indices, new_file_mode
 from dsv3_lightning.loading import module_from_checkpoint
+
+log = logging.getLogger(__name__)
+
+# What a conversion into a directory writes: the ones it did not write this time are stale.
+_MODEL_FILES = (CONFIG_NAME, "tokenizer.json", INDEX_FILE, "model*.safetensors")
 
 
 def _ckpt_to_hf(src: Path, dst: Path, max_shard_size: int) -> None:
@@ -100,8 +122,13 @@ def _lightning_version() -> str:
     return lightning.__version__
 
 
-def convert(src: str, dst: str, max_shard_size: int = 5 * 2**30,
-            mtp_head: str = "dsv3_lightning.plugins.mtp.MultiTokenPrediction") -> None:
+def convert(
+    src: str,
+    dst: str,
+    max_shard_size: int = 5 * 2**30,
+    mtp_head: str = "dsv3_lightning.plugins.mtp.MultiTokenPrediction",
+    overwrite: bool = False,
+) -> None:
     """Convert between a Lightning checkpoint and a Hugging Face directory (the direction from SRC).
 
     Args:
@@ -110,33 +137,127 @@ def convert(src: str, dst: str, max_shard_size: int = 5 * 2**30,
             write (from a Hugging Face directory).
         max_shard_size: Bytes per safetensors shard when writing a Hugging Face directory.
         mtp_head: The prediction head class that takes a Hugging Face directory's MTP layers.
+        overwrite: Write into a non-empty DST directory (its model files are replaced, stale ones
+            removed) or over an existing DST file; a warning names what was replaced, removed and kept.
     """
     source, target = Path(src).expanduser(), Path(dst).expanduser()
-    if source.is_file():
-        if target.suffix == ".ckpt":
-            raise ValueError(f"{dst}: converting a .ckpt gives a Hugging Face directory; name a directory")
-        _ckpt_to_hf(source, target, max_shard_size)
-    elif source.is_dir():
-        config = json.loads((source / "config.json").read_text()) if (source / "config.json").is_file() else None
-        if config is None:
-            raise FileNotFoundError(f"{source}/config.json: missing; SRC must be a Hugging Face model directory")
-        if config.get("quantization_config"):
-            from dsv3_lightning.plugins.fp8.checkpoint import dequantize_checkpoint
+    write = _plan(src, source, dst, target, max_shard_size, mtp_head)
+    before = _inventory(target)
+    if before and not overwrite:
+        raise ValueError(_refusal(dst, target, before))
+    with _replacing(dst, target, before):
+        write()
 
-            dequantize_checkpoint(source, target, dtype=torch.float32)
-            return
-        model_config = config_from_hf(config, source=str(source / "config.json"))  # refuses other architectures
-        if target.suffix != ".ckpt":
-            raise ValueError(f"{dst}: converting a Hugging Face directory gives a Lightning checkpoint; name a .ckpt file")
-        _hf_to_ckpt(source, target, model_config, mtp_head)
-    else:
+
+def _plan(
+    src: str, source: Path, dst: str, target: Path, max_shard_size: int, mtp_head: str
+) -> Callable[[], None]:
+    """Checks SRC and the kind of DST, and returns the conversion, not yet run."""
+    if not source.exists():
         raise FileNotFoundError(f"{src}: no such checkpoint file or directory")
+    if target.exists() and target.resolve() == source.resolve():
+        raise ValueError(f"{dst}: is SRC itself; name another DST")
+    if source.is_file():
+        if target.suffix == ".ckpt" or target.is_file():
+            raise ValueError(f"{dst}: converting a .ckpt gives a Hugging Face directory; name a directory")
+        return lambda: _ckpt_to_hf(source, target, max_shard_size)
+    config = json.loads((source / "config.json").read_text()) if (source / "config.json").is_file() else None
+    if config is None:
+        raise FileNotFoundError(f"{source}/config.json: missing; SRC must be a Hugging Face model directory")
+    if config.get("quantization_config"):
+        from dsv3_lightning.plugins.fp8.checkpoint import dequantize_checkpoint
+
+        if target.is_file():
+            raise ValueError(f"{dst}: dequantizing gives a Hugging Face directory; name a directory")
+        return lambda: dequantize_checkpoint(source, target, dtype=torch.float32)
+    model_config = config_from_hf(config, source=str(source / "config.json"))  # refuses other architectures
+    if target.suffix != ".ckpt" or target.is_dir():
+        raise ValueError(
+            f"{dst}: converting a Hugging Face directory gives a Lightning checkpoint; name a .ckpt file"
+        )
+    return lambda: _hf_to_ckpt(source, target, model_config, mtp_head)
+
+
+# ------------------------------------------------------------------------------------ DST guard
+_Stamp = tuple[int, int, int] | None  # (inode, mtime_ns, size) of a file; None for a directory
+
+
+def _inventory(target: Path) -> dict[Path, _Stamp]:
+    """What is at ``target`` now: the entries of a directory, or the file itself."""
+    entries = sorted(target.iterdir()) if target.is_dir() else [target] if target.exists() else []
+    return {path: _stamp(path) for path in entries}
+
+
+def _stamp(path: Path) -> _Stamp:
+    st = path.stat()
+    return (st.st_ino, st.st_mtime_ns, st.st_size) if path.is_file() else None
+
+
+def _names(paths: list[Path], limit: int = 5) -> str:
+    named = ", ".join(path.name for path in paths[:limit])
+    return named + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
+
+
+def _refusal(dst: str, target: Path, before: dict[Path, _Stamp]) -> str:
+    if not target.is_dir():
+        return f"{dst}: exists; pass --overwrite to replace it, or name another .ckpt file"
+    return (
+        f"{dst}: not empty ({len(before)} entries: {_names(list(before))}); dsv3 convert writes into a new "
+        "or empty directory. Pass --overwrite to replace its model files, or name another directory"
+    )
+
+
+@contextlib.contextmanager
+def _replacing(dst: str, target: Path, before: dict[Path, _Stamp]) -> Iterator[None]:
+    """Around the conversion: DST's model files wait in a hidden folder inside DST, so that the ones
+    the conversion does not write again are gone afterwards (a failed conversion leaves them there,
+    and says so); then every file written gets the umask's mode, and a warning tells what changed."""
+    models = [path for path in before if target.is_dir() and path.is_file() and _is_model_file(path)]
+    aside = Path(tempfile.mkdtemp(prefix=".dsv3-convert-replaced-", dir=target)) if models else None
+    for path in models:
+        path.rename(aside / path.name)
+    try:
+        yield
+    except BaseException:
+        if aside is not None:
+            log.error("dsv3 convert %s failed: the model files it was replacing are in %s", dst, aside)
+        raise
+    if aside is not None:
+        shutil.rmtree(aside)
+    after = _inventory(target)
+    written = [path for path, stamp in after.items() if stamp is not None and stamp != before.get(path)]
+    for path in written:
+        os.chmod(path, new_file_mode())
+    if before:
+        _report(dst, before, after, written)
+
+
+def _is_model_file(path: Path) -> bool:
+    return any(fnmatch.fnmatch(path.name, pattern) for pattern in _MODEL_FILES)
+
+
+def _report(dst: str, before: dict[Path, _Stamp], after: dict[Path, _Stamp], written: list[Path]) -> None:
+    replaced = [path for path in written if path in before]
+    removed = [path for path in before if path not in after]
+    kept = [path for path in before if path not in replaced and path not in removed]
+    parts = [f"replaced {len(replaced)} file(s): {_names(replaced)}"]
+    parts += [f"removed {len(removed)} stale: {_names(removed)}"] if removed else []
+    parts += [f"kept {len(kept)} other: {_names(kept)}"] if kept else []
+    log.warning("dsv3 convert --overwrite %s: %s", dst, "; ".join(parts))
 
 
 def main(argv: list[str]) -> None:
-    from jsonargparse import CLI
+    """``dsv3 convert SRC DST [--overwrite]``: the arguments of :func:`convert`, ``overwrite`` a bare
+    flag (jsonargparse's CLI would want ``--overwrite true``)."""
+    from jsonargparse import ActionYesNo, ArgumentParser
 
-    CLI(convert, args=argv)
+    parser = ArgumentParser(prog="dsv3 convert", description=__doc__.split("\n")[0])
+    parser.add_function_arguments(convert, skip={"overwrite"}, as_positional=True)
+    parser.add_argument(
+        "--overwrite", action=ActionYesNo, default=False,
+        help="Write into a non-empty DST directory, or over an existing DST file, replacing its model files.",
+    )  # fmt: skip
+    convert(**parser.parse_args(argv).as_dict())
 
 
 __all__ = ["convert"]

@@ -10,6 +10,15 @@ Pipeline, run once per corpus and cached:
    about 12 MB of Python that needs no download. ``data.max_corpus_bytes`` caps the corpus by
    whole files, chosen in an order fixed by a hash of each file's relative path, and warns when it
    drops any.
+   **Text check.** Each file the budget would keep is probed: its first 64 KiB, decoded as UTF-8
+   (a ``.jsonl`` file: the ``"text"`` of the complete lines there, so that JSON escapes such as
+   ``\\u0000`` cannot hide binary data). A file whose probe holds a NUL character, or under 90% of
+   whose characters are printable (whitespace counts as printable; each undecodable byte counts as
+   one non-printable character), is skipped, and one warning gives the count and names the first
+   few with their printable fraction (its share of the budget goes to the next file); a corpus with
+   no text file left is refused. Only the prefix is read, so a text file with binary data further on
+   passes. Skipped files are no part of the cache keys below: every run probes them again, and a
+   change to one leaves the cache valid unless it turns the file into text.
 2. **Split.** A seeded permutation of the documents puts ``round(val_fraction * n)`` of them (at
    least one, at most n - 1) in the validation split: the same split on every run, for any
    number of workers or processes. A corpus of a single document is cut at the line boundary nearest
@@ -52,16 +61,19 @@ per-epoch re-packing.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import itertools
 import json
 import logging
+import math
 import os
+import re
 import shutil
 import sysconfig
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,6 +104,13 @@ _EXCLUDED_STDLIB_DIRS = frozenset(
 _CACHE_FORMAT = 1
 # Characters handed to one encode_batch call: large enough to keep every core busy.
 _ENCODE_BATCH_CHARS = 8_000_000
+# The text check (module docstring): bytes probed per file, and the printable fraction text reaches.
+_PROBE_BYTES = 64 * 1024
+_MIN_PRINTABLE = 0.9
+_NOT_TEXT = f"NUL bytes or under {_MIN_PRINTABLE:.0%} printable UTF-8 in the first {_PROBE_BYTES // 1024} KiB"
+# Whitespace of real text (and the BOM) that str.isprintable() calls non-printable; ASCII's other
+# control characters (\x1c-\x1f, which str.isspace() accepts) stay non-printable.
+_TEXT_WHITESPACE = re.compile("[\t\n\v\f\r\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff]")
 
 
 @dataclass(frozen=True)
@@ -136,28 +155,91 @@ def _list_corpus_files(data_path: str | None) -> tuple[Path, list[Path]]:
     return path, _walk(path, _CORPUS_SUFFIXES)
 
 
-def _within_budget(files: list[_SourceFile], root: Path, max_bytes: int | None) -> list[_SourceFile]:
-    """Whole files, in an order fixed by a hash of their relative paths, until ``max_bytes`` is spent."""
+def _within_budget(
+    files: list[_SourceFile], root: Path, max_bytes: int | None, is_text: Callable[[_SourceFile], bool]
+) -> list[_SourceFile]:
+    """Whole text files, in an order fixed by a hash of their relative paths, until ``max_bytes`` is spent.
+
+    ``is_text`` is asked only about files the budget would keep, so the text check reads at most
+    one probe per kept file, and a skipped file leaves its share of the budget to the next one.
+    """
     total = sum(f.size for f in files)
     if max_bytes is None or total <= max_bytes:
-        return files
+        return [f for f in files if is_text(f)]
 
     def order(f: _SourceFile) -> bytes:
         return hashlib.sha1(f.path.relative_to(root).as_posix().encode("utf-8")).digest()
 
     kept, spent = [], 0
     for f in sorted(files, key=order):
-        if spent + f.size <= max_bytes:
+        if spent + f.size <= max_bytes and is_text(f):
             kept.append(f)
             spent += f.size
-    if not kept:  # every file is larger than the budget: keep one rather than none
-        kept = [min(files, key=order)]
-        spent = kept[0].size
-    logger.warning(
-        "data.max_corpus_bytes (%d) keeps %d of %d files (%.1f of %.1f MB); set it to null to use them all",
-        max_bytes, len(kept), len(files), spent / 1e6, total / 1e6,
-    )  # fmt: skip
+    if not kept:  # every text file is larger than the budget: keep one rather than none
+        larger = (f for f in sorted(files, key=order) if f.size > max_bytes and is_text(f))
+        kept = list(itertools.islice(larger, 1))
+        spent = sum(f.size for f in kept)
+    if kept:
+        logger.warning(
+            "data.max_corpus_bytes (%d) keeps %d of %d files (%.1f of %.1f MB); "
+            "set it to null to use them all",
+            max_bytes, len(kept), len(files), spent / 1e6, total / 1e6,
+        )  # fmt: skip
     return sorted(kept, key=lambda f: f.path)
+
+
+def _probe(src: _SourceFile) -> str:
+    """The text the check looks at: the first ``_PROBE_BYTES`` as UTF-8 (a U+FFFD per undecodable
+    byte), or of a ``.jsonl`` file the ``"text"`` of the complete lines there (the raw text if none)."""
+    with open(src.path, "rb") as f:
+        head = f.read(_PROBE_BYTES)
+    cut = src.size > len(head)  # the probe may end inside a character, and inside a line
+    text = codecs.getincrementaldecoder("utf-8")("replace").decode(head, final=not cut)
+    if src.path.suffix != ".jsonl":
+        return text
+    texts = []
+    for line in text.split("\n")[: -1 if cut else None]:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # blank, cut, or reported with its line number when the corpus is read
+        if isinstance(record, dict) and isinstance(record.get("text"), str):
+            texts.append(record["text"])
+    return "\n".join(texts) or text
+
+
+def _printable_fraction(text: str) -> float:
+    """Printable characters over all: whitespace counts as printable, U+FFFD (a decode error) does not."""
+    text = _TEXT_WHITESPACE.sub(" ", text)
+    if text.isprintable() and "\ufffd" not in text:  # real text: one pass at C speed
+        return 1.0
+    return (sum(c.isprintable() for c in text) - text.count("\ufffd")) / len(text)
+
+
+def _not_text(src: _SourceFile) -> str | None:
+    """Why ``src`` is not text ("NUL bytes", "41% printable"), or None when it is."""
+    text = _probe(src)
+    if "\0" in text:
+        return "NUL bytes"
+    fraction = _printable_fraction(text)
+    return None if fraction >= _MIN_PRINTABLE else f"{math.floor(100 * fraction)}% printable"
+
+
+class _TextFilter:
+    """``is_text(src)``: the text check, remembering each file it refuses and why, for one report."""
+
+    def __init__(self) -> None:
+        self.skipped: list[tuple[Path, str]] = []
+
+    def __call__(self, src: _SourceFile) -> bool:
+        reason = _not_text(src)
+        if reason is not None:
+            self.skipped.append((src.path, reason))
+        return reason is None
+
+    def examples(self, limit: int = 3) -> str:
+        named = ", ".join(f"{path} ({reason})" for path, reason in self.skipped[:limit])
+        return named + (f" and {len(self.skipped) - limit} more" if len(self.skipped) > limit else "")
 
 
 def _jsonl_text(line: str, path: Path, lineno: int) -> str:
@@ -302,7 +384,8 @@ class DSV3DataModule(L.LightningDataModule):
     Args:
         data_path: A text file, a ``.jsonl`` file of ``{"text": ...}`` records, or a directory searched
             recursively for ``*.txt``, ``*.md``, ``*.py`` and ``*.jsonl`` files. Null trains on the
-            ``*.py`` files of the running Python's standard library.
+            ``*.py`` files of the running Python's standard library. Files that are not text (NUL
+            bytes, or under 90% printable UTF-8 in their first 64 KiB) are skipped with a warning.
         tokenizer_path: A saved ``tokenizer.json`` (it must define ``<|eos|>``) to use instead of
             training a byte-level BPE tokenizer on the corpus.
         vocab_size: Size of the BPE vocabulary trained on first use, and the vocabulary the model's
@@ -426,7 +509,20 @@ class DSV3DataModule(L.LightningDataModule):
                 "corpus, or set it to null to train on the Python standard library."
             )
         files = [_SourceFile(p, (st := p.stat()).st_size, st.st_mtime_ns) for p in paths]
-        return _within_budget(files, root, self.max_corpus_bytes)
+        is_text = _TextFilter()
+        kept = _within_budget(files, root, self.max_corpus_bytes, is_text)
+        if not kept:
+            raise ValueError(
+                f"{self._describe_data_path()} holds no text: all {len(is_text.skipped)} file(s) have "
+                f"{_NOT_TEXT}, e.g. {is_text.examples()}. Point data.data_path at UTF-8 text files, or set "
+                "it to null to train on the Python standard library."
+            )
+        if is_text.skipped:
+            logger.warning(
+                "%s: skipped %d file(s) with %s: %s. Remove them, or convert them to UTF-8 text to use them.",
+                self._describe_data_path(), len(is_text.skipped), _NOT_TEXT, is_text.examples(),
+            )  # fmt: skip
+        return kept
 
     @staticmethod
     def _signature(sources: list[_SourceFile]) -> list[tuple[str, int, int]]:

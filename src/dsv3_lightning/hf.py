@@ -10,7 +10,8 @@ so peak memory is about one model. Keys of layers ``>= num_hidden_layers`` are D
 multi-token-prediction modules; the core model has none, so they are returned separately and
 reported, never dropped silently. Saving writes each file under a temporary name and renames it into
 place, the index after the shards and ``config.json`` last, so an interrupted save never leaves a
-directory that looks complete but is not.
+directory that looks complete but is not; every file gets the mode of a new file under the umask
+(``new_file_mode``), not the 0600 of safetensors' own temporary file.
 
 Sigmoid routers are written as ``deepseek_v3``; softmax routers as ``deepseek_v2`` (the only Hugging
 Face class that computes them), which has no selection bias and no gate normalisation.
@@ -351,9 +352,12 @@ def save_pretrained(
         if len(shards) == 1
         else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     )
-    for stale in [*path.glob("model*.safetensors"), path / INDEX_FILE]:
-        if stale.name not in names and stale.exists():
-            stale.unlink()
+    weights = [*path.glob("model*.safetensors"), path / INDEX_FILE]
+    stale = sorted(p.name for p in weights if p.name not in names and p.exists())
+    for name in stale:
+        (path / name).unlink()
+    if stale:  # a model saved over another one with more shards
+        log.info("%s: removed %d stale weight file(s): %s", path, len(stale), ", ".join(stale))
     for name, shard in zip(names, shards):
         _atomic(path / name, lambda tmp, shard=shard: save_file(shard, str(tmp), metadata={"format": "pt"}))
     if len(shards) > 1:
@@ -371,10 +375,27 @@ def save_pretrained(
     _atomic(path / CONFIG_NAME, lambda tmp: tmp.write_text(json.dumps(hf_config, indent=2)))
 
 
+def new_file_mode() -> int:
+    """The mode ``open()`` gives a new file, ``0o666 & ~umask``: the mode every written file gets.
+
+    Writers that go through a temporary file of their own (safetensors' ``save_file`` does) leave
+    0600, which a shared model directory beside 0644 files must not have. The umask is read from
+    /proc where Linux offers it: ``os.umask``, the portable way, sets it process-wide for a moment.
+    """
+    try:
+        status = Path("/proc/self/status").read_text()
+        umask = int(next(line.split()[1] for line in status.splitlines() if line.startswith("Umask:")), 8)
+    except (OSError, StopIteration):
+        umask = os.umask(0)
+        os.umask(umask)
+    return 0o666 & ~umask
+
+
 def _atomic(target: Path, write) -> None:
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     try:
         write(tmp)
+        os.chmod(tmp, new_file_mode())
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
