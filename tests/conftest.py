@@ -16,6 +16,21 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _isolated_process_state():
+    """Every test starts as a fresh process would: no process group left by a failed distributed test,
+    float32 as the default dtype, the same intra-op thread count."""
+    import torch
+    import torch.distributed as dist
+
+    dtype, threads = torch.get_default_dtype(), torch.get_num_threads()
+    yield
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    torch.set_default_dtype(dtype)
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory) -> Path:
     """A few real documents: six standard-library modules, copied so that the tests own their corpus."""

@@ -1,11 +1,11 @@
 """One intra-op thread (forked ranks inherit it): on the shared 2-core machine OpenMP's spinning
-threads of 2-4 processes would otherwise slow the tiny models here by orders of magnitude."""
+threads of 2-4 processes would otherwise slow the tiny models here by orders of magnitude. (Process
+groups are destroyed after every test by the suite-wide fixture in tests/conftest.py.)"""
 
 from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
 
 
 @pytest.fixture(autouse=True)
@@ -14,5 +14,3 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-    if dist.is_initialized():
-        dist.destroy_process_group()
