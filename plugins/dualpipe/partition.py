@@ -7,7 +7,7 @@ prediction heads (MTP) and returns the micro-batch's training loss, a scalar:
 
     piece 0        tokens [b, S+1+extra] -> embed_tokens -> layers[0:e0]            -> h [b, S, D]
     piece p        h                     -> layers[s_p:e_p]                         -> h
-    piece P-1      h                     -> layers[..:L] -> norm, lm_head: CE  + heads' losses -> loss []
+    piece P-1      h                     -> layers[..:L] -> norm, lm_head -> module.batch_loss -> loss []
 
 Every piece gets the whole token window as the keyword ``tokens`` (torch's stages pass keyword
 arguments to all stages), so the last piece has its targets and MTP its shifted inputs. A piece
@@ -18,14 +18,15 @@ piece then uses the embedding too, and a layout whose first and last pieces sit 
 sums the embedding's gradient over both (``shared_parameters``), as Megatron's embedding group does;
 under DualPipeV (and DualPipe) they share a rank, as DeepSeek exploits.
 
-Not supported here: loss terms registered by callbacks (sequence-wise balance losses) which need all
-layers' router statistics at the loss; the strategy refuses them.
+The loss is the LightningModule's own step API (``batch_loss``: main CE + the heads' losses), so a
+change to the module's loss applies here too. Not supported here: loss terms registered by callbacks
+(sequence-wise balance losses), which need all layers' router statistics at the loss; the strategy
+refuses them.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dsv3_lightning.module import DSV3LightningModule
@@ -79,23 +80,18 @@ class PipelinePiece(nn.Module):
 
     def forward(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         module = self._module
-        inputs, targets = module._split(tokens)
+        inputs, _ = module._split(tokens)
         model = module.model
         h = model.embed(inputs) if self.is_first else x
         h = model.run_layers(h, *self.layer_range)
         if not self.is_last:
             return h
-        return self.loss(h, tokens, targets)
+        return self.loss(h, tokens)
 
-    def loss(self, h: torch.Tensor, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def loss(self, h: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """The module's own step API (``DSV3LightningModule.batch_loss``), without loss terms."""
         module = self._module
-        logits = module.model.head(h)
-        ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-        loss, logs = ce, {"ce": ce.detach()}
-        for head in module.heads:
-            out = head(h, tokens, module.model, stage="train", step=module.global_step)
-            loss = loss + out.loss
-            logs.update({k: v.detach() for k, v in out.logs.items()})
+        loss, logs = module.batch_loss(module.model.head(h), h, tokens, loss_terms=False)
         self.logs.append({"loss": loss.detach(), **logs})
         return loss
 

@@ -64,7 +64,7 @@ class DSV3LightningModule(L.LightningModule):
             ``dsv3_lightning.guard``. A checkpoint of non-finite weights is refused either way.
         compile_blocks: ``torch.compile`` every decoder block's attention block and a dense layer's
             MLP block, norms included (a MoE layer's MLP block stays eager; ``DecoderLayer.compile_blocks``). The first steps then take
-            longer (compilation); see the README's "Training speed" for what it gains.
+            longer (compilation); see docs/training_speed.md for what it gains.
     """
 
     def __init__(
@@ -158,23 +158,39 @@ class DSV3LightningModule(L.LightningModule):
             )
         return tokens[:, :seq_len], tokens[:, 1 : seq_len + 1]
 
+    def batch_loss(
+        self, logits: torch.Tensor, hidden: torch.Tensor, tokens: torch.Tensor, *, loss_terms: bool = True
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The step API: a batch's training loss from the model's outputs, and its pieces.
+
+        ``logits`` [B, S, V] and ``hidden`` [B, S, D] (the decoder's outputs before the final norm, which
+        the heads read) are the model's for the windows ``tokens`` [B, S + 1 + extra_tokens]. Returns the loss (main CE + each head's loss + each
+        registered loss term) and the detached pieces, named as logged without the ``train/`` prefix
+        (``ce``, the heads' logs, the terms' names). Every way of training calls it: ``training_step``
+        and a pipeline's last stage (which passes ``loss_terms=False``: the terms read every layer's
+        router, which a pipeline spreads over ranks), so a change to the loss here applies under
+        every strategy.
+        """
+        _, targets = self._split(tokens)
+        ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        loss, logs = ce, {"ce": ce.detach()}
+        for head in self.heads:
+            head_out = head(hidden, tokens, self.model, stage="train", step=self.global_step)
+            loss = loss + head_out.loss
+            logs.update({k: v.detach() for k, v in head_out.logs.items()})
+        for name, term in self._loss_terms.items() if loss_terms else ():
+            value = term(self)
+            loss = loss + value
+            logs[name] = value.detach()
+        return loss, logs
+
     def training_step(self, tokens: torch.Tensor, batch_idx: int) -> torch.Tensor:
         inputs, targets = self._split(tokens)
         out = self.model(inputs)
-        ce = F.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten())
-        loss = ce
-        logs = {"train/ce": ce.detach()}
-        for head in self.heads:
-            head_out = head(out.hidden_states, tokens, self.model, stage="train", step=self.global_step)
-            loss = loss + head_out.loss
-            logs.update({f"train/{k}": v.detach() for k, v in head_out.logs.items()})
-        for name, term in self._loss_terms.items():
-            value = term(self)
-            loss = loss + value
-            logs[f"train/{name}"] = value.detach()
+        loss, logs = self.batch_loss(out.logits, out.hidden_states, tokens)
         self.flops_per_batch = self.flops_per_token * targets.numel()
         self.log("train/loss", loss.detach(), prog_bar=True)
-        self.log_dict(logs)
+        self.log_dict({f"train/{k}": v for k, v in logs.items()})
         return loss
 
     def validation_step(self, tokens: torch.Tensor, batch_idx: int) -> None:
