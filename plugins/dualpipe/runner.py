@@ -106,6 +106,7 @@ class PipelineRunner:
         self.released: set[str] = set()
         """Parameters whose storage this rank gave back (``release_unowned``)."""
         self._schedule = None
+        self._log_keys: list[str] | None = None
         self.pipeline_order: dict[int, list] = plan.actions
 
     # ------------------------------------------------------------------ ownership
@@ -198,22 +199,28 @@ class PipelineRunner:
             offset += n
 
     def train_step(self, tokens: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(mean loss, mean logs) over the micro-batches, identical on every rank."""
+        """(mean loss, mean logs) over the micro-batches, identical on every rank of the pipeline.
+
+        Each rank sums its last pieces' logs (the others contribute zeros) in one float64 all-reduce on
+        the runner's device, as NCCL requires. Only the last pieces' ranks know the log names (the
+        heads choose them): they are exchanged once, at the first step, and kept (``_log_keys``).
+        """
         self.run_schedule(tokens)
         self.sync_gradients()
-        m = self.plan.num_microbatches
         logs = [log for piece in self.pieces for log in piece.logs]
+        keys = self._log_keys or self._exchange_log_keys(logs)
+        total = torch.zeros(len(keys), dtype=torch.float64, device=self.device)
+        for log in logs:
+            total += torch.stack([log[k].detach().to(self.device, torch.float64).reshape(()) for k in keys])
+        dist.all_reduce(total, group=self.group)
+        mean = dict(zip(keys, (total / self.plan.num_microbatches).float()))
+        return mean.pop("loss"), mean
+
+    def _exchange_log_keys(self, logs: list[dict[str, torch.Tensor]]) -> list[str]:
         gathered: list = [None] * dist.get_world_size(self.group)
         dist.all_gather_object(gathered, sorted({k for log in logs for k in log}), group=self.group)
-        keys = sorted({k for ks in gathered for k in ks})
-        # every rank contributes its last pieces' sums; the others zeros
-        total = torch.zeros(len(keys), dtype=torch.float64)
-        for log in logs:
-            for i, k in enumerate(keys):
-                total[i] += log[k].double().cpu()
-        dist.all_reduce(total, group=self.group)
-        mean = {k: v for k, v in zip(keys, (total / m).float())}
-        return mean.pop("loss"), mean
+        self._log_keys = sorted({k for ks in gathered for k in ks})
+        return self._log_keys
 
     # ------------------------------------------------------------------ memory and checkpoints
     def release_unowned(self) -> int:

@@ -26,3 +26,51 @@ def test_the_two_copy_runtime_refuses_backends_that_ignore_tags():
         r"order; use schedule 'dualpipev'",
     ):
         check_backend("dualpipe", "nccl")
+
+
+def _count_collectives(rank: int, world: int, out_dir: str) -> None:
+    import torch
+    import torch.distributed as dist
+    from dsv3_lightning.plugins.dualpipe import runner as runner_module
+    from dsv3_lightning.plugins.dualpipe.plans import build_plan
+    from dualpipe_tiny import make_module
+
+    calls = {"all_gather_object": 0, "all_reduce_devices": set()}
+    real_gather, real_reduce = dist.all_gather_object, dist.all_reduce
+
+    def all_gather_object(*args, **kwargs):
+        calls["all_gather_object"] += 1
+        return real_gather(*args, **kwargs)
+
+    def all_reduce(tensor, *args, **kwargs):
+        calls["all_reduce_devices"].add(str(tensor.device))
+        return real_reduce(tensor, *args, **kwargs)
+
+    runner_module.dist.all_gather_object, runner_module.dist.all_reduce = all_gather_object, all_reduce
+    try:
+        module = make_module(4)
+        runner = runner_module.PipelineRunner(module, build_plan("1f1b", world, 4), device=torch.device("cpu"))
+        per_step = []
+        for _ in range(3):
+            before = calls["all_gather_object"]
+            loss, logs = runner.train_step(make_tokens(8))
+            per_step.append(calls["all_gather_object"] - before)
+            module.zero_grad(set_to_none=True)
+        torch.save({"per_step": per_step, "devices": sorted(calls["all_reduce_devices"]), "keys": sorted(logs)},
+                   f"{out_dir}/{rank}.pt")
+    finally:
+        runner_module.dist.all_gather_object, runner_module.dist.all_reduce = real_gather, real_reduce
+
+
+def test_train_steps_after_the_first_run_no_object_collective(tmp_path):
+    # NCCL rules: object collectives pickle through the CPU and synchronise the host; the log names
+    # are exchanged once, and the logs are reduced as one tensor on the runner's device.
+    import torch
+    from dualpipe_tiny import fork_ranks
+
+    fork_ranks(_count_collectives, 2, tmp_path)
+    for rank in (0, 1):
+        result = torch.load(tmp_path / f"{rank}.pt")
+        assert result["per_step"] == [1, 0, 0], result
+        assert result["devices"] == ["cpu"]
+        assert "ce" in result["keys"]
