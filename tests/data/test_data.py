@@ -309,7 +309,7 @@ def test_single_text_file_splits_head_and_tail(tmp_path: Path) -> None:
 
 def test_default_corpus_is_the_standard_library(tmp_path: Path, caplog) -> None:
     dm = _dm(tmp_path, None, vocab_size=512, seq_len=64, max_corpus_bytes=2_000_000, val_fraction=0.05)
-    with caplog.at_level(logging.INFO, logger="dsv3_lightning.data"):
+    with caplog.at_level(logging.INFO, logger="dsv3_lightning"):  # the corpus's budget, the data's cache
         dm.prepare_data()
         dm.setup("fit")
     assert caplog.text.count("data.max_corpus_bytes (2000000) keeps") == 1
