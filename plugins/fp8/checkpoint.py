@@ -176,7 +176,7 @@ def _guarded(action: str, src: Path, dst: Path, overwrite: bool, write: Callable
             "into a new or empty directory. Pass --overwrite to replace its model files, or name another "
             "directory"
         )
-    with _replacing(str(dst), dst, before):
+    with _replacing(str(dst), dst, before, command=f"{_COMMAND} {action}"):
         write()
 
 

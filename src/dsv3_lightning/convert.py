@@ -208,7 +208,7 @@ def _refusal(dst: str, target: Path, before: dict[Path, _Stamp]) -> str:
 
 
 @contextlib.contextmanager
-def _replacing(dst: str, target: Path, before: dict[Path, _Stamp]) -> Iterator[None]:
+def _replacing(dst: str, target: Path, before: dict[Path, _Stamp], command: str = "dsv3 convert") -> Iterator[None]:
     """Around the conversion: DST's model files wait in a hidden folder inside DST, so that the ones
     the conversion does not write again are gone afterwards (a failed conversion leaves them there,
     and says so); then every file written gets the umask's mode, and a warning tells what changed."""
@@ -220,7 +220,7 @@ def _replacing(dst: str, target: Path, before: dict[Path, _Stamp]) -> Iterator[N
         yield
     except BaseException:
         if aside is not None:
-            log.error("dsv3 convert %s failed: the model files it was replacing are in %s", dst, aside)
+            log.error("%s %s failed: the model files it was replacing are in %s", command, dst, aside)
         raise
     if aside is not None:
         shutil.rmtree(aside)
@@ -229,21 +229,23 @@ def _replacing(dst: str, target: Path, before: dict[Path, _Stamp]) -> Iterator[N
     for path in written:
         os.chmod(path, new_file_mode())
     if before:
-        _report(dst, before, after, written)
+        _report(dst, before, after, written, command)
 
 
 def _is_model_file(path: Path) -> bool:
     return any(fnmatch.fnmatch(path.name, pattern) for pattern in _MODEL_FILES)
 
 
-def _report(dst: str, before: dict[Path, _Stamp], after: dict[Path, _Stamp], written: list[Path]) -> None:
+def _report(
+    dst: str, before: dict[Path, _Stamp], after: dict[Path, _Stamp], written: list[Path], command: str = "dsv3 convert"
+) -> None:
     replaced = [path for path in written if path in before]
     removed = [path for path in before if path not in after]
     kept = [path for path in before if path not in replaced and path not in removed]
     parts = [f"replaced {len(replaced)} file(s): {_names(replaced)}"]
     parts += [f"removed {len(removed)} stale: {_names(removed)}"] if removed else []
     parts += [f"kept {len(kept)} other: {_names(kept)}"] if kept else []
-    log.warning("dsv3 convert --overwrite %s: %s", dst, "; ".join(parts))
+    log.warning("%s --overwrite %s: %s", command, dst, "; ".join(parts))
 
 
 def main(argv: list[str]) -> None:
