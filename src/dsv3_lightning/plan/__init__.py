@@ -1,0 +1,26 @@
+"""``dsv3 plan``: a memory plan of a pipeline x expert x data layout, from the real code.
+
+    dsv3 plan --config configs/671B.yaml --pipeline 16 --expert 64 --data 2
+
+For each distinct pipeline position (experts and data-parallel replicas are symmetric), the plan
+prints the bytes of parameters, gradients, optimizer state, gradient-reduction buffers and the
+activations of one micro-batch times the micro-batches the schedule keeps in flight, for two layouts:
+
+- **today**, measured: the module is built on the meta device (nothing is allocated) and cut by the
+  strategies' own functions, each position in a process group of torch.distributed's ``fake``
+  backend (today.py): expert shards (``shard_experts``), pipeline pieces and released parameters
+  (``PipelineRunner``, ``release_unowned``), gradient reduction and clipping (``grad_sync``, whose
+  transient buffers a dispatch mode measures, probe.py), the run's own optimizer stepped once on meta.
+  Activations are the bytes autograd saves in one meta forward of each real pipeline piece, replayed
+  over the schedule's real action lists (activations.py).
+- **V3 ZeRO-1 model**, modelled: DeepSeek-V3's dtypes and ZeRO-1 sharding applied to today's
+  parameter counts (zero1.py), to be replaced by the real code when issue 15's sharded optimizer lands.
+
+What is reproduced rather than run, and what is not counted, is listed in each module's docstring and
+in docs/memory_plan.md. This package is a tool, not the core: it imports the parallel plugins, and
+is loaded only by ``dsv3 plan``. It runs in seconds and well under 1 GB for 671B at 2,048 ranks.
+"""
+
+from dsv3_lightning.plan.command import main
+
+__all__ = ["main"]

@@ -1,0 +1,229 @@
+"""Today's layout, measured: each pipeline position's shard built by the strategies' own code.
+
+For every pipeline position p, one process group of the fake backend (``torch.distributed``'s
+``fake``: collectives return at once, nothing is sent) stands in for global rank p·E·D of a P·E·D
+world, and the strategies' functions run on the module built on the meta device:
+
+    mesh            DualPipeStrategy's PipelineMesh.create (P >= 2), ExpertParallelMesh.create (P = 1)
+    expert shard    expert_parallel.sharding.shard_experts: E/EP experts of every MoE layer (the
+                    mesh's own ``shard_experts`` under P >= 2); experts are symmetric, so expert
+                    rank 0 stands for all
+    pieces, params  PipelineRunner (build_pieces, _owners) and ``release_unowned``: the parameters
+                    this position's pieces use; ``dualpipe.grad_sync.local_parameters`` splits them
+                    into replicated ones and expert shards
+    gradients       one per kept parameter, of its shape and dtype (what autograd leaves)
+    reduction       the peak transient bytes (probe.transient_bytes) of the real
+                    ``PipelineRunner.sync_gradients``, ``dualpipe.grad_sync.reduce_gradients`` and,
+                    when the config clips, ``clip_global_norm`` (P = 1: expert_parallel's
+                    ``reduce_gradients`` over the world and the data group, then its
+                    ``clip_global_norm``, as ExpertParallelStrategy.reduce_gradients calls them)
+    optimizer       the run's optimizer (the module's ``configure_optimizers`` or the config's
+                    ``optimizer:``), one ``step`` on meta; the bytes of its state tensors
+
+Only the fused flag of torch's Adam family is changed for the step: fused kernels refuse meta
+tensors, and the state they keep is the same. After each position the released parameters are
+filled again (``restore_unowned``), so one module serves all positions.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from dsv3_lightning.plugins.dualpipe.grad_sync import clip_global_norm, local_parameters, reduce_gradients
+from dsv3_lightning.plugins.dualpipe.mesh import PipelineMesh
+from dsv3_lightning.plugins.dualpipe.plans import SchedulePlan
+from dsv3_lightning.plugins.dualpipe.runner import PipelineRunner
+from dsv3_lightning.plugins.expert_parallel import grad_sync as ep_grad_sync
+from dsv3_lightning.plugins.expert_parallel.all_to_all import Comm
+from dsv3_lightning.plugins.expert_parallel.dispatcher import AllToAllTokenDispatcher
+from dsv3_lightning.plugins.expert_parallel.mesh import ExpertParallelMesh
+from dsv3_lightning.plugins.expert_parallel.sharding import ExpertShard, shard_experts
+from torch import nn
+from torch.testing._internal.distributed.fake_pg import FakeStore
+
+from dsv3_lightning.module import DSV3LightningModule
+from dsv3_lightning.plan.probe import MetaRun, transient_bytes
+
+TIMEOUT_S = 1800.0
+
+
+@dataclass
+class PositionState:
+    """What one pipeline position holds under today's code (bytes unless named otherwise)."""
+
+    position: int
+    global_rank: int
+    pieces: list[tuple[int, tuple[int, int], bool, bool]]
+    """(stage, layer range, is first, is last) of every stage this position runs."""
+    replicated_params: int
+    expert_params: int
+    weights: int
+    gradients: int
+    optimizer_state: int
+    reduction: dict[str, int] = field(default_factory=dict)
+    """Peak transient bytes of each gradient step (``sync_gradients``, ``reduce_gradients``, ``clip``)."""
+
+    @property
+    def params(self) -> int:
+        return self.replicated_params + self.expert_params
+
+
+@contextmanager
+def fake_world(rank: int, world_size: int) -> Iterator[None]:
+    """This process as ``rank`` of a ``world_size`` world on the fake backend."""
+    if dist.is_initialized():
+        raise RuntimeError(
+            "dsv3 plan builds its own (fake) process group; run it outside a distributed job or test group"
+        )
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _unfused(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    for group in optimizer.param_groups:
+        if group.get("fused"):
+            group["fused"] = False
+    return optimizer
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """One step of ``optimizer`` on meta gradients; the bytes of the state it then keeps."""
+    with MetaRun():
+        _unfused(optimizer).step()
+    return sum(
+        _bytes([v])
+        for state in optimizer.state.values()
+        for v in state.values()
+        if isinstance(v, torch.Tensor)
+    )
+
+
+def measure_positions(
+    module: DSV3LightningModule,
+    plan: SchedulePlan | None,
+    expert_parallel_size: int,
+    data_parallel_size: int,
+    make_optimizer: Callable[[DSV3LightningModule], torch.optim.Optimizer],
+    clip: float | None,
+) -> list[PositionState]:
+    """Every pipeline position of a P x E x D layout (P = 1 when ``plan`` is None), measured."""
+    num_positions = plan.layout.num_ranks if plan else 1
+    block = expert_parallel_size * data_parallel_size
+    world = num_positions * block
+    shards: list[ExpertShard] | None = None
+    states = []
+    for position in range(num_positions):
+        with fake_world(position * block, world):
+            if plan is None:
+                state, shards = _expert_parallel(module, expert_parallel_size, make_optimizer, clip)
+            else:
+                state, shards = _pipeline(module, plan, expert_parallel_size, shards, make_optimizer, clip)
+        state.position, state.global_rank = position, position * block
+        states.append(state)
+    return states
+
+
+def _pipeline(module, plan, expert_parallel_size, shards, make_optimizer, clip):
+    mesh = PipelineMesh.create(plan.layout.num_ranks, expert_parallel_size, TIMEOUT_S)
+    if shards is None:  # once: the module keeps its expert shard for every position
+        shards = mesh.shard_experts(module)
+    runner = PipelineRunner(module, plan, mesh.pipeline_group, device=torch.device("meta"))
+    kept = runner.release_unowned()
+    replicated, sharded = local_parameters(runner, shards)
+    assert kept == sum(p.numel() for p in replicated + sharded), "release_unowned keeps what the pieces use"
+    steps = {
+        "sync_gradients": runner.sync_gradients,
+        "reduce_gradients": lambda: reduce_gradients(runner, mesh, shards),
+    }
+    if clip:
+        steps["clip_global_norm"] = lambda: clip_global_norm(runner, mesh, shards, clip)
+    state = _measure(module, replicated, sharded, steps, make_optimizer)
+    state.pieces = [
+        (s, runner.pieces[plan.layout.piece(s)].layer_range, plan.layout.is_first(s), plan.layout.is_last(s))
+        for s in runner.local_stages
+    ]
+    runner.restore_unowned()
+    return state, shards
+
+
+def _expert_parallel(module, expert_parallel_size, make_optimizer, clip):
+    mesh = ExpertParallelMesh.create(expert_parallel_size, TIMEOUT_S)
+
+    def comm(group, where: str) -> Comm:
+        return Comm(group, TIMEOUT_S, where)
+
+    def make_dispatcher(name: str, num_experts: int) -> AllToAllTokenDispatcher:
+        return AllToAllTokenDispatcher(
+            comm(mesh.expert_group, f"layer {name}"), num_experts, expert_parallel_size
+        )
+
+    shards = shard_experts(module, mesh.expert_rank, expert_parallel_size, make_dispatcher)
+    experts = {id(p) for shard in shards for p in shard.params()}
+    replicated = [p for p in module.parameters() if id(p) not in experts]
+    sharded = [p for shard in shards for p in shard.params()]
+
+    def reduce() -> None:  # ExpertParallelStrategy.reduce_gradients, without its trainer
+        ep_grad_sync.reduce_gradients(
+            replicated, comm(mesh.group, "the replicated parameters"), mesh.world_size
+        )
+        ep_grad_sync.reduce_gradients(sharded, comm(mesh.data_group, "the expert shards"), mesh.world_size)
+
+    steps = {"reduce_gradients": reduce}
+    if clip:
+        steps["clip_global_norm"] = lambda: ep_grad_sync.clip_global_norm(
+            replicated, sharded, comm(mesh.expert_group, "the expert shards"), clip
+        )
+    state = _measure(module, replicated, sharded, steps, make_optimizer)
+    state.pieces = [(0, (0, module.config.num_hidden_layers), True, True)]
+    return state, shards
+
+
+def _measure(
+    module: DSV3LightningModule,
+    replicated: list[nn.Parameter],
+    sharded: list[nn.Parameter],
+    steps: dict[str, Callable[[], object]],
+    make_optimizer: Callable[[DSV3LightningModule], torch.optim.Optimizer],
+) -> PositionState:
+    params = [p for p in replicated + sharded if p.requires_grad]
+    for p in params:
+        p.grad = torch.empty_like(p)
+    gradients = _bytes(p.grad for p in params)
+    reduction = {name: transient_bytes(step, params) for name, step in steps.items()}
+    optimizer_state = optimizer_state_bytes(make_optimizer(module))
+    for p in module.parameters():
+        p.grad = None
+    return PositionState(
+        position=0,
+        global_rank=0,
+        pieces=[],
+        replicated_params=sum(p.numel() for p in replicated),
+        expert_params=sum(p.numel() for p in sharded),
+        weights=_bytes(replicated + sharded),
+        gradients=gradients,
+        optimizer_state=optimizer_state,
+        reduction=reduction,
+    )
+
+
+def clip_value(gradient_clip_val, gradient_clip_algorithm) -> float | None:
+    """The max norm the strategies clip by (they clip by norm only), from the trainer settings."""
+    if not gradient_clip_val or (gradient_clip_algorithm or "norm") != "norm":
+        return None
+    value = float(gradient_clip_val)
+    return value if math.isfinite(value) else None
+
+
+__all__ = ["PositionState", "clip_value", "fake_world", "measure_positions", "optimizer_state_bytes"]

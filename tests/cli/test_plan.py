@@ -1,0 +1,271 @@
+"""`dsv3 plan`: the memory plan against the model's own count (671B at 2,048 ranks, in a fresh process
+whose peak RSS is checked), against tiny.yaml's shards built for real on CPU, against the schedule
+simulator and the process's RSS, and every bad-input message."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from dsv3_lightning.plugins.dualpipe.grad_sync import local_parameters, reduce_gradients
+from dsv3_lightning.plugins.dualpipe.mesh import PipelineMesh
+from dsv3_lightning.plugins.dualpipe.partition import build_pieces
+from dsv3_lightning.plugins.dualpipe.plans import build_plan
+from dsv3_lightning.plugins.dualpipe.runner import PipelineRunner
+from dsv3_lightning.plugins.dualpipe.simulator import ChunkCosts, simulate
+
+from dsv3_lightning.cli import main as dsv3
+from dsv3_lightning.module import DSV3LightningModule
+from dsv3_lightning.plan.activations import PieceActivations, peak_activations
+from dsv3_lightning.plan.build import plan_positions
+from dsv3_lightning.plan.command import Layout, RunSettings, parser, resolve
+from dsv3_lightning.plan.probe import transient_bytes
+from dsv3_lightning.plan.today import fake_world
+from dsv3_lightning.plan.zero1 import zero1_memory
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = str(ROOT / "configs/tiny.yaml")
+V3 = str(ROOT / "configs/671B.yaml")
+TOTAL_671B = 671026404352
+
+
+def _run(code: str) -> dict:
+    out = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=600, cwd=ROOT
+    )
+    assert out.returncode == 0, out.stderr[-4000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def plan_671b() -> dict:
+    """The 671B plan at PP16 x EP64 x DP2 in a fresh process: per position, its counts; peak RSS; time."""
+    return _run(f"""
+        import json, resource, time
+        start = time.perf_counter()
+        from dsv3_lightning.plan.build import plan_positions
+        from dsv3_lightning.plan.command import RunSettings, parser, resolve
+        args = parser().parse_args(["--config", {V3!r}, "--pipeline", "16", "--expert", "64", "--data", "2"])
+        run = RunSettings.load(args.config)
+        positions, facts = plan_positions(run, resolve(args, run))
+        rows = [dict(replicated=p.state.replicated_params, experts=p.state.expert_params,
+                     today=p.today.params, v3=p.v3.params) for p in positions]
+        print(json.dumps(dict(rows=rows, total=facts["total"], seconds=time.perf_counter() - start,
+                              rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)))
+    """)
+
+
+def test_671b_plan_counts_every_parameter_once(plan_671b):
+    rows = plan_671b["rows"]
+    assert len(rows) == 16 and plan_671b["total"] == TOTAL_671B
+    # DualPipeV holds each piece once: the positions' replicated parameters plus 64 expert ranks' shards
+    assert sum(r["replicated"] + 64 * r["experts"] for r in rows) == TOTAL_671B
+    assert all(r["today"] == r["v3"] == r["replicated"] + r["experts"] for r in rows)
+
+
+def test_671b_plan_is_quick_and_small(plan_671b):
+    # the model's weights alone would be 2.7 TB in float32; nothing is materialised
+    assert plan_671b["rss"] < 1.0e9, f"peak RSS {plan_671b['rss'] / 1e9:.2f} GB"
+    assert plan_671b["seconds"] < 120
+
+
+# ---------------------------------------------------------------------- tiny.yaml, built for real
+def _layout(*flags: str) -> tuple[RunSettings, Layout]:
+    args = parser().parse_args(["--config", TINY, *flags])
+    run = RunSettings.load(args.config)
+    return run, resolve(args, run)
+
+
+def _materialised_position(position: int) -> dict:
+    """tiny.yaml at P2 x E2 x D1, position ``position``: real CPU tensors, the strategies' functions, a
+    real fused AdamW step."""
+    run, _ = _layout()
+    torch.manual_seed(0)
+    module = DSV3LightningModule(run.model_config(), [], **run.module_kwargs())
+    plan = build_plan("dualpipev", 2, 4)
+    with fake_world(position * 2, 4):
+        mesh = PipelineMesh.create(2, 2, 60.0)
+        shards = mesh.shard_experts(module)
+        runner = PipelineRunner(module, plan, mesh.pipeline_group, device=torch.device("cpu"))
+        kept = runner.release_unowned()
+        replicated, sharded = local_parameters(runner, shards)
+        for p in replicated + sharded:
+            p.grad = torch.randn_like(p)
+        reduction = transient_bytes(lambda: reduce_gradients(runner, mesh, shards), list(module.parameters()))
+        optimizer = run.make_optimizer(module)
+        assert optimizer.param_groups[0]["fused"]
+        optimizer.step()
+        state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values())
+        return dict(
+            params=kept,
+            replicated=sum(p.numel() for p in replicated),
+            experts=sum(p.numel() for p in sharded),
+            weights=sum(p.numel() * p.element_size() for p in module.parameters()),
+            gradients=sum(
+                p.grad.numel() * p.grad.element_size() for p in module.parameters() if p.grad is not None
+            ),
+            optimizer_state=state,
+            reduction=reduction,
+        )
+
+
+@pytest.mark.parametrize("position", [0, 1])
+def test_tiny_plan_matches_the_shards_built_for_real(position):
+    run, layout = _layout("--pipeline", "2", "--expert", "2", "--data", "1")
+    planned = plan_positions(run, layout)[0][position]
+    real = _materialised_position(position)
+    assert (planned.state.replicated_params, planned.state.expert_params) == (
+        real["replicated"],
+        real["experts"],
+    )
+    today = planned.today
+    assert today.params == real["params"]
+    assert today.weights == real["weights"] and today.gradients == real["gradients"]
+    assert today.optimizer_state == real["optimizer_state"]
+    assert planned.state.reduction["reduce_gradients"] == real["reduction"] > 0
+
+
+def _real_piece_bytes(module: DSV3LightningModule, piece, micro_batch: int, seq_len: int) -> int:
+    """Saved-for-backward bytes of a real CPU forward of ``piece``, by data pointer (the plan counts by
+    storage on meta), plus the stage's kept input and output."""
+    params = {t.untyped_storage().data_ptr() for t in [*module.parameters(), *module.buffers()]}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    tokens = torch.randint(0, module.config.vocab_size, (micro_batch, seq_len + 1))
+    x = torch.randn(micro_batch, seq_len, module.config.hidden_size, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = piece(x, tokens)
+    for t in ([] if piece.is_first else [x]) + ([] if piece.is_last else [out]):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_tiny_piece_activations_match_a_real_cpu_forward(recompute):
+    run, _ = _layout()
+    torch.manual_seed(0)
+    module = DSV3LightningModule(
+        run.model_config(), [], **{**run.module_kwargs(), "recompute_activations": recompute}
+    )
+    probe = PieceActivations(run.build_module(torch.float32), 2, 64, attention="math")  # CPU's path for MLA
+    for piece in build_pieces(module, 4):
+        planned = probe.piece_bytes(piece.layer_range, piece.is_first, piece.is_last, recompute=recompute)
+        assert planned == _real_piece_bytes(module, piece, 2, 64), piece.layer_range
+
+
+@pytest.mark.parametrize(
+    ("schedule", "pp", "m"), [("dualpipev", 4, 8), ("1f1b", 4, 6), ("zb", 4, 8), ("dualpipe", 4, 8)]
+)
+def test_in_flight_replay_counts_as_the_simulator(schedule, pp, m):
+    plan = build_plan(schedule, pp, m)
+    sim = simulate(plan, ChunkCosts(F=1, B=2, W=1))
+    for rank in range(pp):
+        assert peak_activations(plan, rank, lambda stage: 1) == sim.ranks[rank].peak_activations
+
+
+def test_reduction_buffers_match_the_process_rss():
+    """The transient the plan measures on meta for two reductions in a row (replicated parameters, then
+    expert shards, as the strategies call them) is what the process really allocates."""
+    got = _run("""
+        import json, resource, torch, torch.distributed as dist
+        from dsv3_lightning.plan.probe import transient_bytes
+        from dsv3_lightning.plan.today import fake_world
+        from dsv3_lightning.plugins.expert_parallel.all_to_all import Comm
+        from dsv3_lightning.plugins.expert_parallel.grad_sync import reduce_gradients
+        groups = [[4_000_000, 2_000_000], [8_000_000, 6_000_000]]  # replicated, then expert shards
+        meta = [[torch.nn.Parameter(torch.empty(n, device="meta")) for n in g] for g in groups]
+        real = [[torch.nn.Parameter(torch.zeros(n)) for n in g] for g in groups]
+        for p in [*meta[0], *meta[1], *real[0], *real[1]]:
+            p.grad = torch.ones_like(p)
+        rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        with fake_world(0, 2):
+            comm = Comm(dist.group.WORLD, 60.0, "test")
+            def step(params):
+                for group in params:
+                    reduce_gradients(group, comm, 2)
+            planned = transient_bytes(lambda: step(meta), [*meta[0], *meta[1]])
+            before = rss()
+            step(real)
+            print(json.dumps(dict(planned=planned, rss=rss() - before)))
+    """)
+    # the larger group's three float32 copies at once (its flat buffer, the scaled copy, the new
+    # gradients while the old ones are still referenced), plus a few bytes of has-grad flags
+    assert 3 * 4 * 14_000_000 <= got["planned"] < 3 * 4 * 14_000_000 + 100
+    assert abs(got["rss"] - got["planned"]) < 0.1 * got["planned"], got
+
+
+def test_v3_model_shards_states_over_the_replicas():
+    m = zero1_memory(1000, 64, 4, 2, activations_per_microbatch=10, activations=30)
+    assert (m.weights, m.gradients) == (2 * 1064, 4 * 1064)
+    assert m.optimizer_state == 8 * 1000 / 8 + 8 * 64 / 2
+    assert m.reduction_buffers == 0 and m.in_flight == 3 and m.total == m.model_states + 30
+
+
+def test_dsv3_plan_prints_a_table_per_distinct_rank(capsys):
+    dsv3(["plan", "--config", TINY, "--pipeline", "2", "--expert", "2"])
+    out = capsys.readouterr().out
+    assert "PP2 x EP2 x DP1 (4 ranks)" in out
+    assert out.count("| today |") == 2 and out.count("| V3 ZeRO-1 model |") == 2
+    assert "### pipeline rank 0 " in out and "### pipeline rank 1 " in out
+
+
+# ---------------------------------------------------------------------- bad input
+@pytest.mark.parametrize(
+    ("flags", "match"),
+    [
+        (
+            ["--expert", "3"],
+            r"dsv3 plan --expert 3: model.config.n_routed_experts \(16.*"
+            r"divisible by.*expert_parallel_size \(3\)",
+        ),
+        (
+            ["--pipeline", "3"],
+            r"dsv3 plan --pipeline 3: model.config.num_hidden_layers \(4\) is smaller than the number "
+            r"of pipeline stages \(6",
+        ),
+        (
+            ["--devices", "6", "--pipeline", "2", "--expert", "2"],
+            r"dsv3 plan --devices 6 --pipeline 2 --expert 2: .*\(6\) must be a multiple of .* = 4",
+        ),
+        (
+            ["--devices", "8", "--data", "3", "--pipeline", "2"],
+            r"dsv3 plan --devices 8 --data 3: the world is --pipeline x --expert x --data",
+        ),
+        (
+            ["--pipeline", "2", "--microbatches", "3"],
+            r"--microbatches 3: .*num_microbatches \(3\) must be >= 2 \* pipeline_parallel_size \(4\)",
+        ),
+        (
+            ["--pipeline", "2", "--schedule", "gpipe"],
+            r"--schedule gpipe .*schedule \('gpipe'\) is not one of",
+        ),
+        (["--pipeline", "0"], r"dsv3 plan --pipeline 0: must be >= 1"),
+        (["--micro_batch", "0"], r"dsv3 plan --micro_batch 0: must be >= 1"),
+        (
+            ["--seq_len", "5000"],
+            r"dsv3 plan --seq_len 5000: longer than model.config.max_position_embeddings \(1024\)",
+        ),
+    ],
+)
+def test_bad_layouts_name_the_flag_and_the_fix(flags, match):
+    with pytest.raises(ValueError, match=match):
+        run, layout = _layout(*flags)
+        plan_positions(run, layout)
+    assert not dist.is_initialized()
+
+
+def test_a_missing_config_is_named():
+    with pytest.raises(ValueError, match=r"dsv3 plan --config nowhere.yaml: no such file"):
+        RunSettings.load(["nowhere.yaml"])
