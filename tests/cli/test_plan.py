@@ -5,6 +5,7 @@ simulator and the process's RSS, and every bad-input message."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -35,9 +36,14 @@ V3 = str(ROOT / "configs/671B.yaml")
 TOTAL_671B = 671026404352
 
 
-def _run(code: str) -> dict:
+def _run(code: str, env: dict[str, str] | None = None) -> dict:
     out = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=600, cwd=ROOT
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
     )
     assert out.returncode == 0, out.stderr[-4000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -178,7 +184,8 @@ def test_in_flight_replay_counts_as_the_simulator(schedule, pp, m):
 def test_reduction_buffers_match_the_process_rss():
     """The transient the plan measures on meta for two reductions in a row (replicated parameters, then
     expert shards, as the strategies call them) is what the process really allocates."""
-    got = _run("""
+    got = _run(
+        """
         import json, resource, torch, torch.distributed as dist
         from dsv3_lightning.plan.probe import transient_bytes
         from dsv3_lightning.plan.today import fake_world
@@ -199,7 +206,11 @@ def test_reduction_buffers_match_the_process_rss():
             before = rss()
             step(real)
             print(json.dumps(dict(planned=planned, rss=rss() - before)))
-    """)
+    """,
+        # a fixed threshold: every buffer here is mmapped and goes back to the system when freed (glibc
+        # otherwise raises its threshold after a free, and freed heap memory may stay in the RSS)
+        env={"MALLOC_MMAP_THRESHOLD_": str(1 << 20)},
+    )
     # the larger group's three float32 copies at once (its flat buffer, the scaled copy, the new
     # gradients while the old ones are still referenced), plus a few bytes of has-grad flags
     assert 3 * 4 * 14_000_000 <= got["planned"] < 3 * 4 * 14_000_000 + 100
