@@ -19,8 +19,8 @@ import resource
 import time
 from pathlib import Path
 
-from dsv3_lightning.plan.build import build_plan_report
-from dsv3_lightning.plan.command import parser
+from dsv3_lightning.plugins.plan.build import build_plan_report
+from dsv3_lightning.plugins.plan.command import parser
 
 ROOT = Path(__file__).resolve().parents[1]
 PLANS = (

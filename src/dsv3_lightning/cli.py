@@ -227,7 +227,7 @@ def tool_commands() -> dict[str, str]:
         "generate": "dsv3_lightning.generate",
         "convert": "dsv3_lightning.convert",
         "sweep": "dsv3_lightning.sweep",
-        "plan": "dsv3_lightning.plan",
+        "plan": "dsv3_lightning.plugins.plan",
     }
 
 

@@ -23,12 +23,12 @@ from dsv3_lightning.plugins.dualpipe.simulator import ChunkCosts, simulate
 
 from dsv3_lightning.cli import main as dsv3
 from dsv3_lightning.module import DSV3LightningModule
-from dsv3_lightning.plan.activations import PieceActivations, peak_activations
-from dsv3_lightning.plan.build import plan_positions
-from dsv3_lightning.plan.command import Layout, RunSettings, parser, resolve
-from dsv3_lightning.plan.probe import transient_bytes
-from dsv3_lightning.plan.today import fake_world
-from dsv3_lightning.plan.zero1 import zero1_memory
+from dsv3_lightning.plugins.plan.activations import PieceActivations, peak_activations
+from dsv3_lightning.plugins.plan.build import plan_positions
+from dsv3_lightning.plugins.plan.command import Layout, RunSettings, parser, resolve
+from dsv3_lightning.plugins.plan.probe import transient_bytes
+from dsv3_lightning.plugins.plan.today import fake_world
+from dsv3_lightning.plugins.plan.zero1 import zero1_memory
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "configs/tiny.yaml")
@@ -55,8 +55,8 @@ def plan_671b() -> dict:
     return _run(f"""
         import json, resource, time
         start = time.perf_counter()
-        from dsv3_lightning.plan.build import plan_positions
-        from dsv3_lightning.plan.command import RunSettings, parser, resolve
+        from dsv3_lightning.plugins.plan.build import plan_positions
+        from dsv3_lightning.plugins.plan.command import RunSettings, parser, resolve
         args = parser().parse_args(["--config", {V3!r}, "--pipeline", "16", "--expert", "64", "--data", "2"])
         run = RunSettings.load(args.config)
         positions, facts = plan_positions(run, resolve(args, run))
@@ -187,8 +187,8 @@ def test_reduction_buffers_match_the_process_rss():
     got = _run(
         """
         import json, resource, torch, torch.distributed as dist
-        from dsv3_lightning.plan.probe import transient_bytes
-        from dsv3_lightning.plan.today import fake_world
+        from dsv3_lightning.plugins.plan.probe import transient_bytes
+        from dsv3_lightning.plugins.plan.today import fake_world
         from dsv3_lightning.plugins.expert_parallel.all_to_all import Comm
         from dsv3_lightning.plugins.expert_parallel.grad_sync import reduce_gradients
         groups = [[4_000_000, 2_000_000], [8_000_000, 6_000_000]]  # replicated, then expert shards

@@ -345,7 +345,7 @@ def check_model(module: DSV3LightningModule, layout: Layout) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from dsv3_lightning.plan.build import build_plan_report
+    from dsv3_lightning.plugins.plan.build import build_plan_report
 
     args = parser().parse_args(argv)
     print(build_plan_report(args), end="")

@@ -14,11 +14,11 @@ import torch
 
 from dsv3_lightning.plugins.dualpipe.plans import SchedulePlan, build_plan
 
-from dsv3_lightning.plan.activations import PieceActivations, peak_activations
-from dsv3_lightning.plan.command import PRECISIONS, Layout, RunSettings, check_model, resolve
-from dsv3_lightning.plan.report import Memory, RankPlan, gb, render
-from dsv3_lightning.plan.today import PositionState, clip_value, measure_positions
-from dsv3_lightning.plan.zero1 import zero1_memory
+from dsv3_lightning.plugins.plan.activations import PieceActivations, peak_activations
+from dsv3_lightning.plugins.plan.command import PRECISIONS, Layout, RunSettings, check_model, resolve
+from dsv3_lightning.plugins.plan.report import Memory, RankPlan, gb, render
+from dsv3_lightning.plugins.plan.today import PositionState, clip_value, measure_positions
+from dsv3_lightning.plugins.plan.zero1 import zero1_memory
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dsv3_lightning.plan.report import Memory
+from dsv3_lightning.plugins.plan.report import Memory
 
 LABEL = "V3 ZeRO-1 model"
 

@@ -17,10 +17,10 @@ activations of one micro-batch times the micro-batches the schedule keeps in fli
   parameter counts (zero1.py), to be replaced by the real code when issue 15's sharded optimizer lands.
 
 What is reproduced rather than run, and what is not counted, is listed in each module's docstring and
-in docs/memory_plan.md. This package is a tool, not the core: it imports the parallel plugins, and
-is loaded only by ``dsv3 plan``. It runs in seconds and well under 1 GB for 671B at 2,048 ranks.
+in docs/memory_plan.md. It lives among the plugins because it imports the parallel ones (the core imports
+no plugin); only ``dsv3 plan`` loads it. It runs in seconds and well under 1 GB for 671B at 2,048 ranks.
 """
 
-from dsv3_lightning.plan.command import main
+from dsv3_lightning.plugins.plan.command import main
 
 __all__ = ["main"]

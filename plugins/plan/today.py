@@ -47,7 +47,7 @@ from torch import nn
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from dsv3_lightning.module import DSV3LightningModule
-from dsv3_lightning.plan.probe import MetaRun, transient_bytes
+from dsv3_lightning.plugins.plan.probe import MetaRun, transient_bytes
 
 TIMEOUT_S = 1800.0
 

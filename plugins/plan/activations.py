@@ -44,7 +44,7 @@ from torch.distributed.pipelining.schedules import (
 
 from dsv3_lightning.model.transformer import DecoderLayer
 from dsv3_lightning.module import DSV3LightningModule
-from dsv3_lightning.plan.probe import FusedAttention, MetaRun, saved_storages, storage_bytes, storage_key
+from dsv3_lightning.plugins.plan.probe import FusedAttention, MetaRun, saved_storages, storage_bytes, storage_key
 
 
 class PieceActivations:

@@ -1,0 +1,3 @@
+from dsv3_lightning.plugins.plan.command import main
+
+main()

@@ -1,3 +1,0 @@
-from dsv3_lightning.plan.command import main
-
-main()
