@@ -5,7 +5,8 @@ the first chain in order (stage s's rank receives h from stage s-1's rank, tagge
 are on one rank as at DualPipeV's turn). The rank of the last piece computes what
 ``DSV3LightningModule._evaluate`` computes: per-token CE and top-1 hits into the module's torchmetrics
 (which the other ranks update with nothing, so that the epoch-end sync sums every rank), and the
-heads' evaluation logs, which it broadcasts so that every rank logs the same values.
+heads' evaluation logs, which it broadcasts (one tensor; their names once) so that every rank logs
+the same values.
 """
 
 from __future__ import annotations
@@ -57,11 +58,28 @@ def pipeline_evaluate(
         module.val_accuracy.update((logits.argmax(-1) == targets).float().flatten())
         for head in module.heads:
             out = head(h, tokens, module.model, stage=stage_name, step=module.global_step)
-            logs.update({f"{stage_name}/{k}": v.detach().float().cpu() for k, v in out.logs.items()})
+            logs.update({f"{stage_name}/{k}": v.detach().float().reshape(()) for k, v in out.logs.items()})
     else:
         empty = torch.empty(0, device=tokens.device)
         module.val_loss.update(empty)
         module.val_accuracy.update(empty)
-    box = [logs]
-    dist.broadcast_object_list(box, dist.get_global_rank(group, last_rank), group=group)
-    return box[0]
+    return _share(runner, logs, stage_name, dist.get_global_rank(group, last_rank), tokens.device)
+
+
+def _share(
+    runner: PipelineRunner, logs: dict[str, torch.Tensor], stage_name: str, src: int, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """The last piece's logs on every rank: one tensor broadcast on ``device`` (NCCL's rule). Only the
+    last piece's rank knows the heads' log names: they are sent once per stage name, then kept."""
+    keys = runner.eval_log_keys.get(stage_name)
+    if keys is None:
+        box = [sorted(logs)]
+        dist.broadcast_object_list(box, src, group=runner.group)
+        keys = runner.eval_log_keys[stage_name] = box[0]
+    if not keys:
+        return {}
+    values = torch.empty(len(keys), device=device)
+    if logs:
+        values.copy_(torch.stack([logs[k].to(device) for k in keys]))
+    dist.broadcast(values, src, group=runner.group)
+    return dict(zip(keys, values))

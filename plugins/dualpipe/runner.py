@@ -107,6 +107,8 @@ class PipelineRunner:
         """Parameters whose storage this rank gave back (``release_unowned``)."""
         self._schedule = None
         self._log_keys: list[str] | None = None
+        self.eval_log_keys: dict[str, list[str]] = {}
+        """The heads' evaluation log names by stage name ("val", "test"), once known (evaluation.py)."""
         self.pipeline_order: dict[int, list] = plan.actions
 
     # ------------------------------------------------------------------ ownership

@@ -35,8 +35,14 @@ def _count_collectives(rank: int, world: int, out_dir: str) -> None:
     from dsv3_lightning.plugins.dualpipe.plans import build_plan
     from dualpipe_tiny import make_module
 
-    calls = {"all_gather_object": 0, "all_reduce_devices": set()}
-    real_gather, real_reduce = dist.all_gather_object, dist.all_reduce
+    from dsv3_lightning.plugins.dualpipe.evaluation import pipeline_evaluate
+
+    calls = {"all_gather_object": 0, "all_reduce_devices": set(), "broadcast_object_list": 0}
+    real_gather, real_reduce, real_broadcast = dist.all_gather_object, dist.all_reduce, dist.broadcast_object_list
+
+    def broadcast_object_list(*args, **kwargs):
+        calls["broadcast_object_list"] += 1
+        return real_broadcast(*args, **kwargs)
 
     def all_gather_object(*args, **kwargs):
         calls["all_gather_object"] += 1
@@ -47,6 +53,7 @@ def _count_collectives(rank: int, world: int, out_dir: str) -> None:
         return real_reduce(tensor, *args, **kwargs)
 
     runner_module.dist.all_gather_object, runner_module.dist.all_reduce = all_gather_object, all_reduce
+    dist.broadcast_object_list = broadcast_object_list
     try:
         module = make_module(4)
         runner = runner_module.PipelineRunner(module, build_plan("1f1b", world, 4), device=torch.device("cpu"))
@@ -56,13 +63,20 @@ def _count_collectives(rank: int, world: int, out_dir: str) -> None:
             loss, logs = runner.train_step(make_tokens(8))
             per_step.append(calls["all_gather_object"] - before)
             module.zero_grad(set_to_none=True)
-        torch.save({"per_step": per_step, "devices": sorted(calls["all_reduce_devices"]), "keys": sorted(logs)},
+        per_eval, val_logs = [], None
+        for _ in range(3):
+            before = calls["broadcast_object_list"]
+            val_logs = pipeline_evaluate(runner, make_tokens(8), "val")
+            per_eval.append(calls["broadcast_object_list"] - before)
+        torch.save({"per_step": per_step, "devices": sorted(calls["all_reduce_devices"]), "keys": sorted(logs),
+                    "per_eval": per_eval, "val_logs": {k: float(v) for k, v in val_logs.items()}},
                    f"{out_dir}/{rank}.pt")
     finally:
         runner_module.dist.all_gather_object, runner_module.dist.all_reduce = real_gather, real_reduce
+        dist.broadcast_object_list = real_broadcast
 
 
-def test_train_steps_after_the_first_run_no_object_collective(tmp_path):
+def test_steps_after_the_first_run_no_object_collective(tmp_path):
     # NCCL rules: object collectives pickle through the CPU and synchronise the host; the log names
     # are exchanged once, and the logs are reduced as one tensor on the runner's device.
     import torch
@@ -74,3 +88,6 @@ def test_train_steps_after_the_first_run_no_object_collective(tmp_path):
         assert result["per_step"] == [1, 0, 0], result
         assert result["devices"] == ["cpu"]
         assert "ce" in result["keys"]
+        assert result["per_eval"] == [1, 0, 0], result  # validation: the heads' log names once
+    zero, one = (torch.load(tmp_path / f"{rank}.pt")["val_logs"] for rank in (0, 1))
+    assert zero == one and zero  # every rank logs the last piece's values (the MTP head's)
