@@ -22,7 +22,7 @@ and after each validation of the fit::
   is safe on one rank.
 - ``tok/s`` counts the next-token targets of every training batch since the previous line
   (``data.targets_in_batch``, from the batch's shape: no sync), times the data-parallel replicas
-  (``strategy.distributed_sampler_kwargs["num_replicas"]``: the pipeline ranks of DualPipe read the
+  (``data.data_replicas``, the strategy's sampler replicas: the pipeline ranks of DualPipe read the
   same batch and count once), over the wall time of the window less the validations in it.
 - ``eta`` extrapolates the mean time per step of this run (validations included) to
   ``trainer.estimated_stepping_batches``; a resumed run counts from the step it resumed at.
@@ -43,10 +43,9 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import ProgressBar
-from lightning.pytorch.strategies import ParallelStrategy
 from typing_extensions import override
 
-from dsv3_lightning.data import targets_in_batch
+from dsv3_lightning.data import data_replicas, targets_in_batch
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +88,7 @@ class LogProgress(ProgressBar):
         self._start_step = self._printed_step = trainer.global_step
         self._tokens = 0
         self._total = trainer.estimated_stepping_batches
-        self._replicas = data_parallel_replicas(trainer)
+        self._replicas = data_replicas(trainer)[0]
 
     @override
     def on_train_batch_end(
@@ -143,15 +142,6 @@ class LogProgress(ProgressBar):
         log.info(f"validation at step {trainer.global_step}: {' | '.join(results)} | took {_duration(took)}")
 
 
-def data_parallel_replicas(trainer: L.Trainer) -> int:
-    """How many different batches one step trains on: the strategy's sampler replicas (the ranks of one
-    pipeline read the same batch), 1 without a parallel strategy."""
-    strategy = trainer.strategy
-    if isinstance(strategy, ParallelStrategy):
-        return strategy.distributed_sampler_kwargs["num_replicas"]
-    return 1
-
-
 def _duration(seconds: float) -> str:
     """``45s``, ``1m02s``, ``2h03m``."""
     seconds = int(round(seconds))
@@ -164,4 +154,4 @@ def _duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m"
 
 
-__all__ = ["LogProgress", "data_parallel_replicas"]
+__all__ = ["LogProgress"]

@@ -25,9 +25,8 @@ from lightning.pytorch.callbacks import ModelSummary
 from lightning.pytorch.utilities.model_summary import get_formatted_model_size, get_human_readable_count
 from typing_extensions import override
 
-from dsv3_lightning.data import DSV3DataModule
+from dsv3_lightning.data import DSV3DataModule, data_replicas
 from dsv3_lightning.module import DSV3LightningModule
-from dsv3_lightning.progress import data_parallel_replicas
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +84,7 @@ def training_flops(trainer: L.Trainer, pl_module: L.LightningModule) -> str | No
     text = f"{_flops(per_token):<10}Training FLOPs per token"
     datamodule = trainer.datamodule
     if isinstance(datamodule, DSV3DataModule):
-        replicas = data_parallel_replicas(trainer)
+        replicas, _ = data_replicas(trainer)
         tokens = datamodule.batch_size * datamodule.seq_len * trainer.accumulate_grad_batches * replicas
         text += f", {_flops(per_token * tokens)} per optimizer step of {tokens:,} tokens"
     return text + " (6 x activated parameters without the embedding; attention scores not counted)"
