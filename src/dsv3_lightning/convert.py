@@ -208,7 +208,9 @@ def _refusal(dst: str, target: Path, before: dict[Path, _Stamp]) -> str:
 
 
 @contextlib.contextmanager
-def _replacing(dst: str, target: Path, before: dict[Path, _Stamp], command: str = "dsv3 convert") -> Iterator[None]:
+def _replacing(
+    dst: str, target: Path, before: dict[Path, _Stamp], command: str = "dsv3 convert"
+) -> Iterator[None]:
     """Around the conversion: DST's model files wait in a hidden folder inside DST, so that the ones
     the conversion does not write again are gone afterwards (a failed conversion leaves them there,
     and says so); then every file written gets the umask's mode, and a warning tells what changed."""
@@ -237,7 +239,11 @@ def _is_model_file(path: Path) -> bool:
 
 
 def _report(
-    dst: str, before: dict[Path, _Stamp], after: dict[Path, _Stamp], written: list[Path], command: str = "dsv3 convert"
+    dst: str,
+    before: dict[Path, _Stamp],
+    after: dict[Path, _Stamp],
+    written: list[Path],
+    command: str = "dsv3 convert",
 ) -> None:
     replaced = [path for path in written if path in before]
     removed = [path for path in before if path not in after]

@@ -69,7 +69,9 @@ class NonFiniteGuard:
         if self.action not in ("raise", "skip"):
             raise ValueError(f"model.nonfinite.action ({self.action!r}) must be 'raise' or 'skip'")
         if self.max_consecutive_skips < 1:
-            raise ValueError(f"model.nonfinite.max_consecutive_skips ({self.max_consecutive_skips}) must be >= 1")
+            raise ValueError(
+                f"model.nonfinite.max_consecutive_skips ({self.max_consecutive_skips}) must be >= 1"
+            )
 
     def options(self) -> dict[str, object]:
         """The YAML options (what ``model.nonfinite`` holds in a checkpoint's hyperparameters)."""
@@ -120,13 +122,15 @@ class NonFiniteGuard:
 
     def _message(self, module: L.LightningModule, loss: float, checked_grads: bool) -> str:
         step = module.trainer.global_step
-        first = next((name for name, p in module.named_parameters()
-                      if p.grad is not None and not torch.isfinite(p.grad).all()), None)
+        first = first_nonfinite({name: p.grad for name, p in module.named_parameters() if p.grad is not None})
         where = f"; first non-finite gradient on rank {module.global_rank}: {first}" if first else ""
         if not checked_grads:
             where += " (gradients not checked: the gradient scaler handles them)"
         if self.action == "skip":
-            why = f"{self.consecutive_skips + 1} steps in a row were non-finite (model.nonfinite.max_consecutive_skips)"
+            why = (
+                f"{self.consecutive_skips + 1} steps in a row were non-finite "
+                "(model.nonfinite.max_consecutive_skips)"
+            )
         else:
             why = "model.nonfinite.action is 'raise'"
         return (

@@ -164,12 +164,12 @@ class DSV3LightningModule(L.LightningModule):
         """The step API: a batch's training loss from the model's outputs, and its pieces.
 
         ``logits`` [B, S, V] and ``hidden`` [B, S, D] (the decoder's outputs before the final norm, which
-        the heads read) are the model's for the windows ``tokens`` [B, S + 1 + extra_tokens]. Returns the loss (main CE + each head's loss + each
-        registered loss term) and the detached pieces, named as logged without the ``train/`` prefix
-        (``ce``, the heads' logs, the terms' names). Every way of training calls it: ``training_step``
-        and a pipeline's last stage (which passes ``loss_terms=False``: the terms read every layer's
-        router, which a pipeline spreads over ranks), so a change to the loss here applies under
-        every strategy.
+        the heads read) are the model's for the windows ``tokens`` [B, S + 1 + extra_tokens]. Returns
+        the loss (main CE + each head's loss + each registered loss term) and the detached pieces, named
+        as logged without the ``train/`` prefix (``ce``, the heads' logs, the terms' names). Every way of
+        training calls it: ``training_step`` and a pipeline's last stage (which passes
+        ``loss_terms=False``: the terms read every layer's router, which a pipeline spreads over ranks),
+        so a change to the loss here applies under every strategy.
         """
         _, targets = self._split(tokens)
         ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())

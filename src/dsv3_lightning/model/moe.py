@@ -120,7 +120,8 @@ class LocalTokenDispatcher:
         flat_ids = topk_ids_TK.flatten()
         order = flat_ids.argsort(stable=True)
         tokens_per_expert = torch.bincount(flat_ids, minlength=num_experts)
-        return gather_copies(x_TD, order, topk_ids_TK.shape[1]), tokens_per_expert, DispatchPlan(order, x_TD.shape[0])
+        x_ND = gather_copies(x_TD, order, topk_ids_TK.shape[1])
+        return x_ND, tokens_per_expert, DispatchPlan(order, x_TD.shape[0])
 
     def combine(self, y_ND: torch.Tensor, topk_weights_TK: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         y_unsorted = torch.empty_like(y_ND)
