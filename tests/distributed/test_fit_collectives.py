@@ -14,52 +14,20 @@ from __future__ import annotations
 
 import csv
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "cli"))
+from test_cli import ROOT, write_config  # noqa: E402  (tiny.yaml's callbacks on test_cli's small model)
+
 DSV3 = str(Path(sys.executable).parent / "dsv3")
 
-SHAPE = """
-trainer:
-  max_steps: 6
-  val_check_interval: 2
-  limit_val_batches: 2
-  log_every_n_steps: 1
-  enable_progress_bar: false
-  enable_model_summary: false
-  default_root_dir: {root}
-  logger:
-    class_path: lightning.pytorch.loggers.CSVLogger
-    init_args: {{save_dir: {root}, name: run}}
-model:
-  config:
-    hidden_size: 32
-    intermediate_size: 64
-    moe_intermediate_size: 16
-    num_hidden_layers: 4
-    num_attention_heads: 2
-    q_lora_rank: 16
-    kv_lora_rank: 16
-    qk_nope_head_dim: 8
-    qk_rope_head_dim: 4
-    v_head_dim: 8
-    n_routed_experts: 8
-    num_experts_per_tok: 2
-    n_group: 4
-    topk_group: 2
-    max_position_embeddings: 64
-  warmup_steps: 2
-data:
-  data_path: {corpus}
-  cache_dir: {cache}
-  vocab_size: 300
-  seq_len: 16
-  batch_size: 4
-"""
+# test_cli's small model, with 4 layers (DualPipeV's 4 stages) and batches of 4 (its 4 micro-batches)
+SMALL = ["--model.config.num_hidden_layers", "4", "--data.batch_size", "4"]
 
 # (strategy config on top of tiny.yaml, extra options); each on 2 processes.
 STRATEGIES = {
@@ -74,24 +42,27 @@ STRATEGIES = {
 @pytest.mark.parametrize("strategy", sorted(STRATEGIES))
 def test_fit_validates_and_checkpoints_on_two_processes(tmp_path, corpus, strategy):
     config, extra = STRATEGIES[strategy]
-    shape = tmp_path / "shape.yaml"
-    shape.write_text(SHAPE.format(root=tmp_path, corpus=corpus, cache=tmp_path / "cache"))
     configs = ["--config", str(ROOT / "configs/tiny.yaml")]
     if config:
         configs += ["--config", str(ROOT / config)]
-    command = [DSV3, "fit", *configs, "--config", str(shape), *extra]
+    small = write_config(tmp_path, corpus, max_steps=6)  # after the strategy's file: its logger wins
+    command = [DSV3, "fit", *configs, "--config", str(small), *SMALL, *extra]
     # torch 2.13's DDP segfaults in its construction logger under DETAIL: plain DDP runs unchecked
     # (a hang still fails by the timeout below); our strategies, which own their collectives, checked.
     debug = "OFF" if strategy == "ddp" else "DETAIL"
     env = {**os.environ, "TORCH_DISTRIBUTED_DEBUG": debug, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
     log = tmp_path / "fit.log"
     with open(log, "w") as out:
+        # its own session, so that a hang is ended with every rank Lightning launched under it
+        proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
         try:
-            done = subprocess.run(command, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                  timeout=300, start_new_session=True)
+            proc.wait(timeout=300)
         except subprocess.TimeoutExpired:
-            os.killpg(0, 0)  # the group is ours: start_new_session
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
             pytest.fail(f"{strategy}: no exit within 300 s (a hang); the log ends:\n{log.read_text()[-3000:]}")
+    done = proc
     assert done.returncode == 0, f"{strategy} exited {done.returncode}:\n{log.read_text()[-4000:]}"
     (version,) = (tmp_path / "run").iterdir()
     rows = list(csv.DictReader(open(version / "metrics.csv")))
