@@ -1,0 +1,20 @@
+"""One intra-op thread (forked ranks inherit it: 2-4 processes on the shared 2-core machine), and the
+gloo launcher of the expert-parallel tests, importable here as ``ep_launch``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "plugins" / "expert_parallel"))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
