@@ -154,8 +154,7 @@ class Zero1:
         left = [name for sg in shard_groups for name, p in sg.params if id(p) not in placed]
         if left:
             warnings.warn(f"zero1: {len(left)} parameters of the shard groups are not optimized: {left}")
-        if not self.layouts:
-            raise ValueError("zero1: the optimizer has no parameters")
+        assert self.layouts, "torch optimizers refuse an empty parameter list"
         self.global_ranges = {n: (0, p.numel()) for fs in self.layouts for n, p in zip(fs.names, fs.params)}
         for name, (offset, numel) in (global_ranges or {}).items():
             local = self.global_ranges.get(name, (0, 0))[1]
