@@ -64,11 +64,12 @@ def make_optimizer(kind: str, params: dict[str, nn.Parameter]) -> torch.optim.Op
 def reference(kind: str, world: int, num_experts: int, steps: int) -> dict:
     params = {n: nn.Parameter(t.clone()) for n, t in initial(num_experts).items()}
     optimizer = make_optimizer(kind, params)
-    norms, snapshots = [], []
+    norms, lin1, snapshots = [], [], []
     for step in range(steps):
         losses = [rank_loss(params, params["experts"][r % num_experts], r, step) for r in range(world)]
         loss = sum(losses) / world
         loss.backward()
+        lin1.append(sum(float(params[n].grad.double().square().sum()) for n in ("lin1.weight", "lin1.bias")))
         norms.append(float(torch.nn.utils.clip_grad_norm_(list(params.values()), MAX_NORM)))
         optimizer.step()
         optimizer.zero_grad()
@@ -77,7 +78,7 @@ def reference(kind: str, world: int, num_experts: int, steps: int) -> dict:
             for n, p in params.items()
         }
         snapshots.append(({n: p.detach().clone() for n, p in params.items()}, state))
-    return {"norms": norms, "snapshots": snapshots}
+    return {"norms": norms, "lin1": lin1, "snapshots": snapshots}
 
 
 def rank_run(
@@ -119,12 +120,15 @@ def rank_run(
                       for k, v in full[name].items()}
                for name, r in ranges.items()}  # fmt: skip
         zero.load_state_chunks(cut)
-    norms = []
+    norms, lin1 = [], []
     for step in steps:
         losses = [rank_loss(local, local["experts"][0], v, step) for v in range(rank, batch_world, world)]
         sum(losses).backward()
         zero.reduce_scatter_gradients()
         assert all(p.grad is None for p in local.values()), "model gradients are freed"
+        squared = zero.local_squared_norm(lambda name: name.startswith("lin1."))
+        dist.all_reduce(squared)
+        lin1.append(float(squared))
         norms.append(float(zero.clip_grad_norm_(MAX_NORM, None)))
         optimizer.step()
         zero.all_gather_parameters()
@@ -134,7 +138,8 @@ def rank_run(
             for k, v in entry.items()}
         for n, entry in zero.state_chunks().items()
     }  # fmt: skip
-    return {"params": {n: p.detach().clone() for n, p in local.items()}, "norms": norms, "chunks": chunks}
+    params = {n: p.detach().clone() for n, p in local.items()}
+    return {"params": params, "norms": norms, "lin1": lin1, "chunks": chunks}
 
 
 def run(world: int, *args, **kwargs) -> list[dict]:
@@ -172,6 +177,8 @@ def test_adamw_matches_a_single_process(world, num_experts, bucket_bytes):
     ranks = run(world, "adamw", num_experts, range(3), bucket_bytes)
     for result in ranks:
         for ours, theirs in zip(result["norms"], ref["norms"]):
+            assert math.isclose(ours, theirs, rel_tol=1e-6), (ours, theirs)
+        for ours, theirs in zip(result["lin1"], ref["lin1"]):  # local_squared_norm(counted)
             assert math.isclose(ours, theirs, rel_tol=1e-6), (ours, theirs)
     # seen: 4e-8 to 7e-8 (the ranks' gradients summed in another order), norms 5e-8 to 9e-8
     check_parameters(ranks, ref["snapshots"][-1][0], num_experts, rtol=1e-6)
