@@ -14,10 +14,9 @@ under computation and the bubbles shrink to (PP/2-1)(F&B+B-3W). This package:
 - partition.py: the model cut by layer ranges (embedding first; norm, lm_head and MTP last);
 - runner.py, bidirectional_runtime.py, evaluation.py: one training step / evaluation on a rank;
   overlap.py: the seam where a forward and a backward chunk of a (F;B) pair run together;
-- mesh.py, grad_sync.py: the pipeline x expert x data mesh (expert parallelism and data-parallel
-  copies of the pipeline, with expert_parallel's sharding and all-to-all dispatcher) and the
-  reduction and clipping of its gradients;
-- strategy.py: ``DualPipeStrategy``, the Lightning strategy (``trainer.strategy`` in YAML).
+- strategy.py: ``DualPipeStrategy``, the Lightning strategy (``trainer.strategy`` in YAML), a thin
+  layer on the parallel layer (``dsv3_lightning.plugins.parallel``: the pipeline x data x expert mesh,
+  expert shards and dispatchers, the gradient synchronisation).
 
 Differences from DeepSeek's DualPipe: the (F;B) pairs hide the expert-parallel all-to-alls by taking
 turns between a forward and a backward thread (interleaver.py), not by splitting the model into

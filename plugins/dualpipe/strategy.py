@@ -12,7 +12,9 @@ replicas (the rest; default 1). Each of the E x D pipelines reads its own slice 
 (the distributed sampler's replica), the same on its P ranks, cut into ``num_microbatches``. With
 E > 1 the routed experts of every MoE layer are sharded over the E ranks at each pipeline position,
 which exchange tokens by all-to-all (expert_parallel's sharding and dispatcher). The strategy is DDP's
-process handling (launch, process group, barrier, reduce) without the DDP wrapper, and replaces the step:
+parallel layer's strategy (``dsv3_lightning.plugins.parallel.ParallelStrategy``: the mesh, the expert
+shards and dispatchers, the one gradient synchronisation, checkpoints, teardown) with a pipeline, and
+replaces the step:
 
 - ``training_step`` runs the whole schedule (PipelineRunner: forward and backward of every
   micro-batch, gradients of shared parameters summed over the pipeline), reduces the gradients over
@@ -39,45 +41,32 @@ micro-batches are the accumulation), ``predict``. Callbacks that read every rout
 (ExpertLoadMonitor) see only the local stages' routers and the last micro-batch: leave them out. With
 expert parallelism under schedules "dualpipe" and "dualpipev" (on gloo), each (F;B) pair runs its
 forward and backward chunks in turns, so that each one's all-to-alls run under the other's
-computation (``overlap``; overlap.py). The dispatch is not FP8 here.
+computation (``overlap``; overlap.py).
 """
 
 from __future__ import annotations
 
 import logging
-from datetime import timedelta
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 from dsv3_lightning.plugins.dualpipe.evaluation import pipeline_evaluate
-from dsv3_lightning.plugins.dualpipe.grad_sync import clip_global_norm, reduce_gradients
-from dsv3_lightning.plugins.dualpipe.mesh import PipelineMesh, mesh_shape
 from dsv3_lightning.plugins.dualpipe.overlap import InterleavedOverlap
 from dsv3_lightning.plugins.dualpipe.plans import SchedulePlan, build_plan, validate
 from dsv3_lightning.plugins.dualpipe.runner import PipelineRunner
-from dsv3_lightning.plugins.expert_parallel.all_to_all import Comm
-from dsv3_lightning.plugins.expert_parallel.sharding import (
-    ExpertShard,
-    full_optimizer_state,
-    full_state_dict,
-    local_state_dict,
-    sliced_optimizer_states,
-    unshard_experts,
-)
-from dsv3_lightning.plugins.expert_parallel.strategy import check_model
 from lightning.pytorch.core.optimizer import LightningOptimizer
-from lightning.pytorch.overrides.distributed import _sync_module_states
-from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-_KEY = "trainer.strategy.init_args"
+from dsv3_lightning.plugins.parallel.mesh import KEY as _KEY
+from dsv3_lightning.plugins.parallel.strategy import ParallelStrategy
+
 log = logging.getLogger(__name__)
 
 
-class DualPipeStrategy(DDPStrategy):
+class DualPipeStrategy(ParallelStrategy):
     """Pipeline-parallel training with a DualPipe-family schedule.
 
     Args:
@@ -97,9 +86,8 @@ class DualPipeStrategy(DDPStrategy):
             InterleavedOverlap), instead of one chunk after the other; dualpipev's lists then run on
             our runtime (torch's runs a pair's parts in sequence). Same results either way; no effect
             on 1f1b and zb, on NCCL, or without experts to exchange.
-        timeout: Seconds a collective may wait before the run fails with a clear error.
-        start_method: How the processes start: "popen" (re-run the command, as ``dsv3 fit``), "spawn"
-            or "fork" (in-process launch, for notebooks and tests).
+        max_nodes_per_token, ranks_per_node, fp8_dispatch, timeout, start_method: as
+            ``ParallelStrategy`` (node-limited routing, FP8 dispatch, the collectives' timeout, launch).
     """
 
     strategy_name = "dualpipe"
@@ -112,87 +100,17 @@ class DualPipeStrategy(DDPStrategy):
         *,
         expert_parallel_size: int = 1,
         overlap: bool = True,
-        timeout: float = 1800.0,
-        start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
         **kwargs: Any,
     ) -> None:
         validate(schedule, pipeline_parallel_size, num_microbatches)
-        if expert_parallel_size < 1:
-            raise ValueError(f"{_KEY}.expert_parallel_size ({expert_parallel_size}) must be >= 1")
-        if timeout <= 0:
-            raise ValueError(f"{_KEY}.timeout ({timeout}) must be a positive number of seconds")
-        super().__init__(start_method=start_method, timeout=timedelta(seconds=timeout), **kwargs)
-        self.pipeline_parallel_size = pipeline_parallel_size
+        super().__init__(
+            pipeline_parallel_size=pipeline_parallel_size, expert_parallel_size=expert_parallel_size, **kwargs
+        )
         self.num_microbatches = num_microbatches
         self.schedule = schedule
-        self.expert_parallel_size = expert_parallel_size
         self.overlap = overlap
-        self.timeout_s = float(timeout)
         self.runner: PipelineRunner | None = None
-        self._mesh: PipelineMesh | None = None
-        self._shards: list[ExpertShard] = []
-        self._failed = False
         self._grads: dict[torch.nn.Parameter, torch.Tensor] = {}
-
-    # ------------------------------------------------------------------ checks before launch
-    @override
-    def set_world_ranks(self) -> None:
-        super().set_world_ranks()
-        mesh_shape(
-            self.num_nodes * self.num_processes, self.pipeline_parallel_size, self.expert_parallel_size
-        )
-
-    @override
-    def connect(self, model: pl.LightningModule) -> None:
-        if self.expert_parallel_size > 1:
-            check_model(
-                model,
-                self.expert_parallel_size,
-                strategy=f"{type(self).__name__} with {_KEY}.expert_parallel_size {self.expert_parallel_size}",
-                instead=f"set {_KEY}.expert_parallel_size to 1",
-            )
-        super().connect(model)
-
-    # ------------------------------------------------------------------ setup
-    @property
-    @override
-    def distributed_sampler_kwargs(self) -> dict[str, Any]:
-        """Pipeline i of the E x D reads replica i; the P ranks of a pipeline read the same slice."""
-        pipelines = self.num_nodes * self.num_processes // self.pipeline_parallel_size
-        return {"num_replicas": pipelines, "rank": self.global_rank % pipelines}
-
-    @property
-    def mesh(self) -> PipelineMesh:
-        if self._mesh is None:
-            raise RuntimeError(
-                f"{type(self).__name__}.mesh exists only after Trainer setup (no process group yet)"
-            )
-        return self._mesh
-
-    def _build_mesh(self) -> None:
-        """The process groups and this rank's expert shards (once, before the optimizers exist)."""
-        if self._mesh is not None:
-            return
-        module = self.lightning_module
-        _sync_module_states(module)  # one initialisation everywhere (what DDP's wrapper would do)
-        self._mesh = mesh = PipelineMesh.create(
-            self.pipeline_parallel_size, self.expert_parallel_size, self.timeout_s
-        )
-        self._shards = mesh.shard_experts(module)
-        experts = (
-            f", {self._shards[0].num_local_experts} of {self._shards[0].num_experts} experts per rank in "
-            f"{len(self._shards)} MoE layer(s)"
-            if self._shards
-            else ""
-        )
-        rank_zero_info(
-            f"dualpipe: {mesh.pipeline_parallel_size} pipeline x {mesh.expert_parallel_size} expert x "
-            f"{mesh.data_parallel_size} data ranks{experts}"
-        )
-
-    @override
-    def configure_ddp(self) -> None:
-        self._build_mesh()  # no DDP wrapper: the pipeline and grad_sync.py own the gradients
 
     @override
     def setup(self, trainer: pl.Trainer) -> None:
@@ -211,7 +129,6 @@ class DualPipeStrategy(DDPStrategy):
                 f"trainer.callbacks with {type(self).__name__}"
             )
         super().setup(trainer)
-        self._build_mesh()  # validate / test: no configure_ddp
         self.runner = PipelineRunner(
             module, self.build_plan(), self.mesh.pipeline_group, self.root_device, overlap=self._overlap_hook()
         )
@@ -253,8 +170,8 @@ class DualPipeStrategy(DDPStrategy):
         )  # Lightning zeroes only after training_step; the schedule adds to .grad
         with self.precision_plugin.train_step_context():
             loss, logs = runner.train_step(tokens)
-        reduce_gradients(runner, self.mesh, self._shards)
-        logs = self.mesh.mean_over_pipelines({"loss": loss, **logs}, self.root_device)
+        self.grad_sync.reduce()
+        logs = self.mesh.mean_over_replicas({"loss": loss, **logs}, self.root_device)
         loss = logs.pop("loss")
         # Lightning zeroes gradients between training_step and backward: keep them aside until backward
         self._grads = {p: p.grad for p in module.parameters() if p.grad is not None}
@@ -276,20 +193,17 @@ class DualPipeStrategy(DDPStrategy):
         self._grads = {}
         trainer = module.trainer
         if trainer.gradient_clip_val and (trainer.gradient_clip_algorithm or "norm") == "norm":
-            self.clip_global_norm(float(trainer.gradient_clip_val))
+            self.grad_sync.clip(float(trainer.gradient_clip_val))
         return self.precision_plugin.post_backward(closure_loss, module)
 
-    def clip_global_norm(self, max_norm: float) -> float:
-        """Scales every rank's gradients so that the norm over the whole model is at most ``max_norm``.
-
-        Each parameter counts once (grad_sync.py). Returns the norm before clipping.
-        """
-        return clip_global_norm(self._runner(), self.mesh, self._shards, max_norm)
+    @override
+    def parameter_owners(self) -> dict[str, set[int]]:
+        return self._runner().owners
 
     # ------------------------------------------------------------------ evaluation
     def _evaluate(self, tokens: torch.Tensor, stage_name: str) -> None:
         logs = pipeline_evaluate(self._runner(), tokens, stage_name)
-        logs = self.mesh.mean_over_pipelines(logs, self.root_device)
+        logs = self.mesh.mean_over_replicas(logs, self.root_device)
         self.lightning_module.log_dict({k: v.to(tokens.device) for k, v in logs.items()})
 
     @override
@@ -311,35 +225,21 @@ class DualPipeStrategy(DDPStrategy):
 
     # ------------------------------------------------------------------ checkpoints
     @override
-    def lightning_module_state_dict(self) -> dict[str, Any]:
+    def full_module_state(self) -> dict[str, Any]:
         if self.runner is None:
-            return super().lightning_module_state_dict()
-        state = self.runner.full_state_dict()  # every position's tensors; experts: this rank's shard
-        if not self._shards:
-            return state
-        return full_state_dict(state, self._shards, self._expert_comm("the checkpoint"))
-
-    @override
-    def load_model_state_dict(self, checkpoint: dict[str, Any], strict: bool = True) -> None:
-        # Lightning loads before setup (the whole module); after it, the experts are sharded
-        if not self._shards:
-            return super().load_model_state_dict(checkpoint, strict)
-        self.lightning_module.load_state_dict(
-            local_state_dict(checkpoint["state_dict"], self._shards), strict=strict
-        )
+            return super().full_module_state()
+        return self.runner.full_state_dict()  # every position's tensors; experts: this rank's shard
 
     @override
     def optimizer_state(self, optimizer) -> dict[str, Any]:
         """The optimizer's state dict with each parameter's state taken from the rank that trains it (the
         expert shards' state gathered over the expert group first)."""
-        state = super().optimizer_state(optimizer)
+        state = super().optimizer_state(optimizer)  # the expert shards' state gathered over "ep"
         if self.runner is None or not state:
             return state
         runner = self.runner
         module = self.lightning_module
         opt = optimizer._optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
-        if self._shards:  # only the parameters of this rank's pieces have state, the same at every position
-            state = full_optimizer_state(opt, state, self._shards, self._expert_comm("the checkpoint"))
         names = {id(p): n for n, p in module.named_parameters()}
         params = [p for group in opt.param_groups for p in group["params"]]
         mine = {
@@ -357,15 +257,6 @@ class DualPipeStrategy(DDPStrategy):
         for part in gathered:
             full.update(part)
         return {**state, "state": dict(sorted(full.items()))}
-
-    @override
-    def load_optimizer_state_dict(self, checkpoint: dict[str, Any]) -> None:
-        if not self._shards:
-            return super().load_optimizer_state_dict(checkpoint)
-        super().load_optimizer_state_dict(sliced_optimizer_states(checkpoint, self.optimizers, self._shards))
-
-    def _expert_comm(self, where: str) -> Comm:
-        return self.mesh.comm(self.mesh.stage.expert_group, where)
 
     @override
     def on_train_start(self) -> None:
@@ -396,16 +287,8 @@ class DualPipeStrategy(DDPStrategy):
             self.runner.restore_unowned()
 
     @override
-    def on_exception(self, exception: BaseException) -> None:
-        self._failed = True  # no collectives in teardown: the other ranks may be gone
-        super().on_exception(exception)
-
-    @override
     def teardown(self) -> None:
-        """Gathers the expert shards back into every rank's module (after a normal end)."""
-        if self._shards and not self._failed:
-            unshard_experts(self._shards, self._expert_comm("teardown"))
-        self.runner, self._mesh, self._shards = None, None, []
+        self.runner = None
         super().teardown()
 
 

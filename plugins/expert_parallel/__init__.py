@@ -3,20 +3,17 @@
 - ``ExpertParallelStrategy`` (``strategy.py``): the Lightning strategy, a data × expert mesh.
 - ``AllToAllTokenDispatcher`` (``dispatcher.py``): the MoE dispatch seam over an expert group.
 - ``all_to_all`` (``all_to_all.py``): differentiable uneven all-to-all with clear errors.
-- sharding, gradient reduction and node-limited routing: ``sharding.py``, ``grad_sync.py``,
-  ``node_limited.py``; the mesh: ``mesh.py``.
+- sharding and node-limited routing: ``sharding.py``, ``node_limited.py``. The mesh, the gradient
+  synchronisation and the strategy base are the parallel layer's (``dsv3_lightning.plugins.parallel``).
 """
 
 from dsv3_lightning.plugins.expert_parallel.all_to_all import ExpertParallelCommError, all_to_all
 from dsv3_lightning.plugins.expert_parallel.dispatcher import AllToAllTokenDispatcher
-from dsv3_lightning.plugins.expert_parallel.mesh import ExpertParallelMesh, mesh_shape
 from dsv3_lightning.plugins.expert_parallel.strategy import ExpertParallelStrategy
 
 __all__ = [
     "AllToAllTokenDispatcher",
     "ExpertParallelCommError",
-    "ExpertParallelMesh",
     "ExpertParallelStrategy",
     "all_to_all",
-    "mesh_shape",
 ]

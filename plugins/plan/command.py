@@ -274,7 +274,7 @@ def _given(value, default):
 
 
 def _check_devices(devices: int, pipeline: int, expert: int) -> None:
-    from dsv3_lightning.plugins.dualpipe.mesh import mesh_shape
+    from dsv3_lightning.plugins.parallel.mesh import mesh_shape
 
     try:
         mesh_shape(devices, pipeline, expert)

@@ -4,19 +4,16 @@ For every pipeline position p, one process group of the fake backend (``torch.di
 ``fake``: collectives return at once, nothing is sent) stands in for global rank p·E·D of a P·E·D
 world, and the strategies' functions run on the module built on the meta device:
 
-    mesh            DualPipeStrategy's PipelineMesh.create (P >= 2), ExpertParallelMesh.create (P = 1)
-    expert shard    expert_parallel.sharding.shard_experts: E/EP experts of every MoE layer (the
-                    mesh's own ``shard_experts`` under P >= 2); experts are symmetric, so expert
-                    rank 0 stands for all
+    mesh            the parallel layer's ParallelMesh.create (P x D x E; P = 1: ExpertParallelStrategy)
+    expert shard    expert_parallel.sharding.shard_experts: E/EP experts of every MoE layer, as
+                    ParallelStrategy cuts them; experts are symmetric, so expert rank 0 stands for all
     pieces, params  PipelineRunner (build_pieces, _owners) and ``release_unowned``: the parameters
-                    this position's pieces use; ``dualpipe.grad_sync.local_parameters`` splits them
-                    into replicated ones and expert shards
+                    this position's pieces use (P >= 2); the parallel layer's ``GradientSync`` splits
+                    them into replicated ones and expert shards
     gradients       one per kept parameter, of its shape and dtype (what autograd leaves)
     reduction       the peak transient bytes (probe.transient_bytes) of the real
-                    ``PipelineRunner.sync_gradients``, ``dualpipe.grad_sync.reduce_gradients`` and,
-                    when the config clips, ``clip_global_norm`` (P = 1: expert_parallel's
-                    ``reduce_gradients`` over the world and the data group, then its
-                    ``clip_global_norm``, as ExpertParallelStrategy.reduce_gradients calls them)
+                    ``PipelineRunner.sync_gradients`` (P >= 2), ``GradientSync.reduce`` and, when the
+                    config clips, ``GradientSync.clip``: the strategies' one gradient synchronisation
     optimizer       the run's optimizer (the module's ``configure_optimizers`` or the config's
                     ``optimizer:``), one ``step`` on meta; the bytes of its state tensors
 
@@ -34,19 +31,15 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-from dsv3_lightning.plugins.dualpipe.grad_sync import clip_global_norm, local_parameters, reduce_gradients
-from dsv3_lightning.plugins.dualpipe.mesh import PipelineMesh
 from dsv3_lightning.plugins.dualpipe.plans import SchedulePlan
 from dsv3_lightning.plugins.dualpipe.runner import PipelineRunner
-from dsv3_lightning.plugins.expert_parallel import grad_sync as ep_grad_sync
-from dsv3_lightning.plugins.expert_parallel.all_to_all import Comm
-from dsv3_lightning.plugins.expert_parallel.dispatcher import AllToAllTokenDispatcher
-from dsv3_lightning.plugins.expert_parallel.mesh import ExpertParallelMesh
-from dsv3_lightning.plugins.expert_parallel.sharding import ExpertShard, shard_experts
+from dsv3_lightning.plugins.expert_parallel.sharding import ExpertShard
 from torch import nn
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from dsv3_lightning.module import DSV3LightningModule
+from dsv3_lightning.plugins.parallel.grad_sync import GradientSync
+from dsv3_lightning.plugins.parallel.mesh import ParallelMesh
 from dsv3_lightning.plugins.plan.probe import MetaRun, transient_bytes
 
 TIMEOUT_S = 1800.0
@@ -126,67 +119,34 @@ def measure_positions(
     states = []
     for position in range(num_positions):
         with fake_world(position * block, world):
-            if plan is None:
-                state, shards = _expert_parallel(module, expert_parallel_size, make_optimizer, clip)
-            else:
-                state, shards = _pipeline(module, plan, expert_parallel_size, shards, make_optimizer, clip)
+            state, shards = _position(module, plan, expert_parallel_size, shards, make_optimizer, clip)
         state.position, state.global_rank = position, position * block
         states.append(state)
     return states
 
 
-def _pipeline(module, plan, expert_parallel_size, shards, make_optimizer, clip):
-    mesh = PipelineMesh.create(plan.layout.num_ranks, expert_parallel_size, TIMEOUT_S)
+def _position(module, plan, expert_parallel_size, shards, make_optimizer, clip):
+    mesh = ParallelMesh.create(plan.layout.num_ranks if plan else 1, expert_parallel_size, TIMEOUT_S)
     if shards is None:  # once: the module keeps its expert shard for every position
         shards = mesh.shard_experts(module)
-    runner = PipelineRunner(module, plan, mesh.pipeline_group, device=torch.device("meta"))
-    kept = runner.release_unowned()
-    replicated, sharded = local_parameters(runner, shards)
-    assert kept == sum(p.numel() for p in replicated + sharded), "release_unowned keeps what the pieces use"
-    steps = {
-        "sync_gradients": runner.sync_gradients,
-        "reduce_gradients": lambda: reduce_gradients(runner, mesh, shards),
-    }
+    runner = PipelineRunner(module, plan, mesh.pipeline_group, device=torch.device("meta")) if plan else None
+    kept = runner.release_unowned() if runner else sum(p.numel() for p in module.parameters())
+    experts = [p for shard in shards for p in shard.params()]
+    sync = GradientSync(module, mesh, experts, runner.owners if runner else None, torch.device("meta"))
+    assert kept == sum(p.numel() for p in sync.replicated + sync.experts), "GradientSync sees what is kept"
+    steps = {"sync_gradients": runner.sync_gradients} if runner else {}
+    steps["reduce_gradients"] = sync.reduce
     if clip:
-        steps["clip_global_norm"] = lambda: clip_global_norm(runner, mesh, shards, clip)
-    state = _measure(module, replicated, sharded, steps, make_optimizer)
-    state.pieces = [
-        (s, runner.pieces[plan.layout.piece(s)].layer_range, plan.layout.is_first(s), plan.layout.is_last(s))
-        for s in runner.local_stages
-    ]
-    runner.restore_unowned()
-    return state, shards
-
-
-def _expert_parallel(module, expert_parallel_size, make_optimizer, clip):
-    mesh = ExpertParallelMesh.create(expert_parallel_size, TIMEOUT_S)
-
-    def comm(group, where: str) -> Comm:
-        return Comm(group, TIMEOUT_S, where)
-
-    def make_dispatcher(name: str, num_experts: int) -> AllToAllTokenDispatcher:
-        return AllToAllTokenDispatcher(
-            comm(mesh.expert_group, f"layer {name}"), num_experts, expert_parallel_size
-        )
-
-    shards = shard_experts(module, mesh.expert_rank, expert_parallel_size, make_dispatcher)
-    experts = {id(p) for shard in shards for p in shard.params()}
-    replicated = [p for p in module.parameters() if id(p) not in experts]
-    sharded = [p for shard in shards for p in shard.params()]
-
-    def reduce() -> None:  # ExpertParallelStrategy.reduce_gradients, without its trainer
-        ep_grad_sync.reduce_gradients(
-            replicated, comm(mesh.group, "the replicated parameters"), mesh.world_size
-        )
-        ep_grad_sync.reduce_gradients(sharded, comm(mesh.data_group, "the expert shards"), mesh.world_size)
-
-    steps = {"reduce_gradients": reduce}
-    if clip:
-        steps["clip_global_norm"] = lambda: ep_grad_sync.clip_global_norm(
-            replicated, sharded, comm(mesh.expert_group, "the expert shards"), clip
-        )
-    state = _measure(module, replicated, sharded, steps, make_optimizer)
-    state.pieces = [(0, (0, module.config.num_hidden_layers), True, True)]
+        steps["clip_global_norm"] = lambda: sync.clip(clip)
+    state = _measure(module, sync.replicated, sync.experts, steps, make_optimizer)
+    if runner:
+        state.pieces = [
+            (s, runner.pieces[plan.layout.piece(s)].layer_range, plan.layout.is_first(s), plan.layout.is_last(s))
+            for s in runner.local_stages
+        ]
+        runner.restore_unowned()
+    else:
+        state.pieces = [(0, (0, module.config.num_hidden_layers), True, True)]
     return state, shards
 
 

@@ -1,7 +1,8 @@
 """The pipeline × expert × data mesh on 4 and 8 gloo processes = one process on the whole global batch.
 
-Each case builds the mesh (dualpipe/mesh.py), shards the experts, runs one schedule step of every
-pipeline on its slice of the batch and reduces the gradients as DualPipeStrategy does (grad_sync.py).
+Each case builds the mesh (the parallel layer's ParallelMesh), shards the experts, runs one schedule
+step of every pipeline on its slice of the batch and synchronises the gradients as DualPipeStrategy
+does (the parallel layer's GradientSync).
 Each rank writes the losses of the micro-batches whose last stage it holds, the gradients of the
 parameters its pieces use (expert shards gathered to full tensors over the expert group) and the
 global gradient norm that clipping would use; the test compares them with a single process.
@@ -14,12 +15,13 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-from dsv3_lightning.plugins.dualpipe.grad_sync import clip_global_norm, reduce_gradients
-from dsv3_lightning.plugins.dualpipe.mesh import PipelineMesh
 from dsv3_lightning.plugins.dualpipe.overlap import InterleavedOverlap
 from dsv3_lightning.plugins.dualpipe.plans import build_plan
 from dsv3_lightning.plugins.dualpipe.runner import PipelineRunner
 from dualpipe_tiny import assert_gradients_match, make_module, make_tokens, reference, runs_per_world
+
+from dsv3_lightning.plugins.parallel.grad_sync import GradientSync
+from dsv3_lightning.plugins.parallel.mesh import ParallelMesh
 
 CASES = {  # world size -> (schedule, pipeline_parallel_size, expert_parallel_size, num_microbatches)
     4: [
@@ -58,7 +60,7 @@ def _full(grad: torch.Tensor, group) -> torch.Tensor:
 def _worker(rank: int, world: int, out_dir: str) -> None:
     for schedule, p, e, m in CASES[world]:
         case = case_id(world, schedule, p, e)
-        mesh = PipelineMesh.create(p, e, timeout_s=60)
+        mesh = ParallelMesh.create(p, e, timeout_s=60)
         module = make_module(4)
         shards = mesh.shard_experts(module)
         hook = InterleavedOverlap() if schedule.endswith("-overlap") else None
@@ -66,21 +68,22 @@ def _worker(rank: int, world: int, out_dir: str) -> None:
             hook.attach(module)
         plan = build_plan(schedule.split("-")[0], p, m)
         runner = PipelineRunner(module, plan, mesh.pipeline_group, overlap=hook)
-        tokens = pipeline_tokens(make_tokens(BATCH), mesh.pipeline_index, mesh.num_pipelines)
+        tokens = pipeline_tokens(make_tokens(BATCH), mesh.replica_rank, mesh.num_replicas)
         losses = runner.run_schedule(tokens)
         runner.sync_gradients()
-        reduce_gradients(runner, mesh, shards)
-        norm = clip_global_norm(runner, mesh, shards, max_norm=float("inf"))
+        sync = GradientSync(module, mesh, [q for shard in shards for q in shard.params()], runner.owners)
+        sync.reduce()
+        norm = sync.clip(max_norm=float("inf"))
         experts = {id(q) for shard in shards for q in shard.params()}
         mine = runner.local_parameter_names()
         grads = {}
         for name, q in module.named_parameters():  # the same order on every rank of an expert group
             if name in mine and q.grad is not None:
-                full = _full(q.grad, mesh.stage.expert_group) if id(q) in experts else q.grad
+                full = _full(q.grad, mesh.expert_group) if id(q) in experts else q.grad
                 grads[name] = full.clone()
         torch.save(
             {
-                "losses": {mesh.pipeline_index * m + i: loss for i, loss in losses.items()},
+                "losses": {mesh.replica_rank * m + i: loss for i, loss in losses.items()},
                 "grads": grads,
                 "norm": norm,
                 "local_experts": shards[0].num_local_experts if shards else None,

@@ -25,7 +25,7 @@ def test_dsv3_fit_with_ep2_yaml(tmp_path):
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240, check=False)
     log = done.stdout + done.stderr
     assert done.returncode == 0, log[-3000:]
-    assert "expert parallel: 1 data × 2 expert ranks; 3 MoE layer(s), 8 of 16 experts per rank" in log
+    assert "expert_parallel: 1 pipeline x 1 data x 2 expert ranks; 3 MoE layer(s), 8 of 16 experts per rank" in log
     [last] = tmp_path.rglob("last.ckpt")
     state = torch.load(last, weights_only=False)["state_dict"]
     assert state["model.model.layers.1.mlp.experts.gate_up_proj"].shape == (16, 256, 256)  # all experts

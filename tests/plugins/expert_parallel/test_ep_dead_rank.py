@@ -8,17 +8,19 @@ import time
 
 import pytest
 import torch
-from dsv3_lightning.plugins.expert_parallel import AllToAllTokenDispatcher, ExpertParallelMesh
+from dsv3_lightning.plugins.expert_parallel import AllToAllTokenDispatcher
 from dsv3_lightning.plugins.expert_parallel.all_to_all import Comm
 from dsv3_lightning.plugins.expert_parallel.sharding import shard_experts
 from ep_launch import run_ranks
 from ep_tiny import make_module
 
+from dsv3_lightning.plugins.parallel.mesh import ParallelMesh
+
 TIMEOUT_S = 2.0
 
 
 def forward_while_rank1_fails(rank: int, world: int, how: str):
-    mesh = ExpertParallelMesh.create(world, TIMEOUT_S)  # the strategy's groups, with its timeout
+    mesh = ParallelMesh.create(1, world, TIMEOUT_S)  # the strategy's groups, with its timeout
     moe = make_module(mtp=False).model.model.layers[1].mlp
     comm = Comm(mesh.expert_group, TIMEOUT_S, "layer model.model.layers.1.mlp")
     shard_experts(moe, mesh.expert_rank, world, lambda name, e: AllToAllTokenDispatcher(comm, e, world))

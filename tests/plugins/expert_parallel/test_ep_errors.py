@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import lightning as L
 import pytest
-from dsv3_lightning.plugins.expert_parallel import ExpertParallelStrategy, mesh_shape
+from dsv3_lightning.plugins.expert_parallel import ExpertParallelStrategy
+from dsv3_lightning.plugins.parallel.mesh import mesh_shape
 from dsv3_lightning.plugins.expert_parallel.node_limited import apply_node_limit, node_groups
 from ep_tiny import make_module
 
@@ -21,10 +22,10 @@ def test_timeout_must_be_positive():
 
 
 def test_world_size_the_mesh_cannot_split_fails_when_the_trainer_is_built():
-    with pytest.raises(ValueError, match=r"trainer.devices × trainer.num_nodes \(3\) cannot be split .*"
+    with pytest.raises(ValueError, match=r"trainer.devices x trainer.num_nodes \(3\) must be a multiple of .*"
                        r"expert_parallel_size \(2\).*set trainer.devices to a multiple of 2"):
         L.Trainer(accelerator="cpu", devices=3, strategy=ExpertParallelStrategy(2, start_method="fork"), logger=False)
-    assert mesh_shape(8, 4) == (2, 4)
+    assert mesh_shape(8, 1, 4) == (1, 2, 4) and mesh_shape(16, 2, 4) == (2, 2, 4)
 
 
 def test_experts_not_divisible_by_expert_parallel_size():
@@ -37,7 +38,8 @@ def test_experts_not_divisible_by_expert_parallel_size():
 def test_model_without_moe_layers():
     module = make_module(mtp=False, first_k_dense_replace=2)
     with pytest.raises(ValueError, match=r"shards MoE layers, but the model has none \(model.config.first_k_dense_replace "
-                       r"2 >= num_hidden_layers 2\): lower model.config.first_k_dense_replace, or train with strategy ddp"):
+                       r"2 >= num_hidden_layers 2\): lower model.config.first_k_dense_replace, or set "
+                       r"trainer.strategy.init_args.expert_parallel_size to 1"):
         ExpertParallelStrategy(2).connect(module)
 
 

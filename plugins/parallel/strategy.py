@@ -1,0 +1,288 @@
+"""ParallelStrategy: the lifecycle every parallel strategy shares; ExpertParallelStrategy and
+DualPipeStrategy are thin layers on it.
+
+    launch          DDP's process handling (popen / spawn / fork, process group, barrier, ``reduce``
+                    over the world, so that the balancing callbacks' counts cover the global batch)
+                    without the DDP wrapper, which would average expert gradients over ranks that hold
+                    different experts
+    mesh            one pipeline x data x expert DeviceMesh (mesh.py), built once at setup
+    expert shards   every MoE layer's routed experts (the model's and the MTP heads') split over "ep"
+                    (expert_parallel/sharding.py), each layer's dispatcher an all-to-all over it built
+                    by ``make_dispatcher`` (FP8 dispatch, node-limited routing: options here)
+    sampler         replica r = d·E + e of the E·D reads slice r of the global batch (the P ranks of a
+                    pipeline read the same slice)
+    gradients       one synchronisation (grad_sync.py): the global batch's gradient, clipped by the
+                    whole model's norm when ``trainer.gradient_clip_val`` is set with the "norm"
+                    algorithm (Lightning's own clipping then finds nothing left to clip)
+    checkpoints     full and ordinary: expert shards gathered on save and sliced on load (sharding.py),
+                    so a checkpoint resumes on any mesh and loads in a plain run
+    end             after a normal end the shards are gathered back, so that every rank's module is a
+                    plain model again; after an exception, no collective (the other ranks may be gone)
+
+A subclass says where its step calls ``sync_gradients`` and, for a pipeline, which positions use each
+parameter (``parameter_owners``) and how the full module state is read (``full_module_state``).
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from dsv3_lightning.plugins.expert_parallel.dispatcher import AllToAllTokenDispatcher
+from dsv3_lightning.plugins.expert_parallel.node_limited import apply_node_limit, node_groups
+from dsv3_lightning.plugins.expert_parallel.sharding import (
+    ExpertShard,
+    full_optimizer_state,
+    full_state_dict,
+    local_state_dict,
+    moe_layers,
+    sliced_optimizer_states,
+    unshard_experts,
+)
+from lightning.pytorch.core.optimizer import LightningOptimizer
+from lightning.pytorch.overrides.distributed import _sync_module_states
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities import rank_zero_info
+from typing_extensions import override
+
+from dsv3_lightning.plugins.parallel.grad_sync import GradientSync
+from dsv3_lightning.plugins.parallel.mesh import KEY, ParallelMesh, mesh_shape
+
+
+class ParallelStrategy(DDPStrategy):
+    """A pipeline x data x expert parallel run (see the module docstring for what it owns).
+
+    Args:
+        pipeline_parallel_size: Pipeline positions (1: no pipeline).
+        expert_parallel_size: Ranks that share one copy of the routed experts, exchanging tokens by
+            all-to-all; ``model.config.n_routed_experts`` must be a multiple. The rest of
+            ``trainer.devices x trainer.num_nodes`` is data parallelism.
+        max_nodes_per_token: Node-limited routing: each token's experts on at most this many nodes
+            (DeepSeek-V3: 4). It sets every router's ``n_group`` / ``topk_group`` to the nodes and M
+            (node_limited.py), or checks that the model's already are. None leaves routing as configured.
+        ranks_per_node: Expert ranks per node for node-limited routing; default ``trainer.devices``.
+        fp8_dispatch: Send the dispatched activations as 1x128-tile FP8 (E4M3) with float32 scales,
+            as DeepSeek-V3 does; combine and all gradients stay in the activations' dtype.
+        timeout: Seconds a collective may wait before the run fails with a clear error.
+        start_method: "popen" (re-run the command, as ``dsv3 fit``), "spawn" or "fork" (in-process
+            launch: notebooks and tests).
+    """
+
+    def __init__(
+        self,
+        *,
+        pipeline_parallel_size: int = 1,
+        expert_parallel_size: int = 1,
+        max_nodes_per_token: int | None = None,
+        ranks_per_node: int | None = None,
+        fp8_dispatch: bool = False,
+        timeout: float = 1800.0,
+        start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+        **kwargs: Any,
+    ) -> None:
+        if expert_parallel_size < 1:
+            raise ValueError(f"{KEY}.expert_parallel_size ({expert_parallel_size}) must be >= 1")
+        if timeout <= 0:
+            raise ValueError(f"{KEY}.timeout ({timeout}) must be a positive number of seconds")
+        if max_nodes_per_token is not None and max_nodes_per_token < 1:
+            raise ValueError(f"{KEY}.max_nodes_per_token ({max_nodes_per_token}) must be >= 1 (or null: off)")
+        super().__init__(start_method=start_method, timeout=timedelta(seconds=timeout), **kwargs)
+        self.pipeline_parallel_size = pipeline_parallel_size
+        self.expert_parallel_size = expert_parallel_size
+        self.max_nodes_per_token = max_nodes_per_token
+        self.ranks_per_node = ranks_per_node
+        self.fp8_dispatch = fp8_dispatch
+        self.timeout_s = float(timeout)
+        self._mesh: ParallelMesh | None = None
+        self._shards: list[ExpertShard] = []
+        self._grad_sync: GradientSync | None = None
+        self._failed = False
+
+    # ------------------------------------------------------------------ checks before launch
+    @override
+    def set_world_ranks(self) -> None:
+        super().set_world_ranks()
+        mesh_shape(self.num_nodes * self.num_processes, self.pipeline_parallel_size, self.expert_parallel_size)
+
+    @override
+    def connect(self, model: pl.LightningModule) -> None:
+        if self.expert_parallel_size > 1:
+            self.check_model(model)
+        super().connect(model)
+
+    def check_model(self, module: torch.nn.Module) -> None:
+        """Clear errors for models expert parallelism cannot split."""
+        check_model(
+            module,
+            self.expert_parallel_size,
+            strategy=f"{type(self).__name__} with {KEY}.expert_parallel_size {self.expert_parallel_size}",
+            instead=f"set {KEY}.expert_parallel_size to 1",
+        )
+
+    # ------------------------------------------------------------------ the mesh and the shards
+    @property
+    def mesh(self) -> ParallelMesh:
+        if self._mesh is None:
+            raise RuntimeError(f"{type(self).__name__}.mesh exists only after Trainer setup (no process group yet)")
+        return self._mesh
+
+    @property
+    @override
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        """Replica r of the E·D reads slice r; the P ranks of a pipeline read the same slice."""
+        replicas = self.num_nodes * self.num_processes // self.pipeline_parallel_size
+        return {"num_replicas": replicas, "rank": self.global_rank % replicas}
+
+    def make_dispatcher(self, name: str, num_experts: int) -> AllToAllTokenDispatcher:
+        """The token dispatcher of MoE layer ``name`` (override for another dispatch)."""
+        return self.mesh.dispatcher(name, num_experts, fp8=self.fp8_dispatch)
+
+    def _setup_parallel(self) -> None:
+        """The mesh and this rank's expert shards (once, before the optimizers exist)."""
+        if self._mesh is not None:
+            return
+        module = self.lightning_module
+        _sync_module_states(module)  # one initialisation everywhere (what DDP's wrapper would do)
+        self._mesh = mesh = ParallelMesh.create(
+            self.pipeline_parallel_size, self.expert_parallel_size, self.timeout_s, self.root_device.type
+        )
+        self._shards = mesh.shard_experts(module, self.make_dispatcher)
+        report = (
+            f"{self.strategy_name}: {mesh.pipeline_parallel_size} pipeline x {mesh.data_parallel_size} data x "
+            f"{mesh.expert_parallel_size} expert ranks"
+        )
+        if self._shards:
+            report += (
+                f"; {len(self._shards)} MoE layer(s), {self._shards[0].num_local_experts} of "
+                f"{self._shards[0].num_experts} experts per rank"
+            )
+        if self.max_nodes_per_token is not None:
+            nodes = node_groups(mesh.expert_parallel_size, self.ranks_per_node or self.num_processes)
+            routers = [moe.gate for _, moe in moe_layers(module)]
+            report += "; " + apply_node_limit(routers, self.max_nodes_per_token, nodes)
+        rank_zero_info(report)
+
+    @override
+    def configure_ddp(self) -> None:
+        self._setup_parallel()  # no DDP wrapper: gradients are synchronised by sync_gradients
+
+    @override
+    def setup(self, trainer: pl.Trainer) -> None:
+        if trainer.gradient_clip_val and getattr(self.precision_plugin, "scaler", None) is not None:
+            raise NotImplementedError(
+                f"trainer.gradient_clip_val ({trainer.gradient_clip_val}) with trainer.precision "
+                f"({trainer.precision}) is not supported by {type(self).__name__}: the gradient scaler unscales after "
+                "this strategy clips; use precision bf16-mixed or 32, or no clipping"
+            )
+        super().setup(trainer)
+        self._setup_parallel()  # validate / test / predict: no configure_ddp
+
+    # ------------------------------------------------------------------ gradients
+    def parameter_owners(self) -> dict[str, set[int]] | None:
+        """Parameter name -> the pipeline positions whose pieces use it; None: every parameter is used
+        at every position (no pipeline)."""
+        return None
+
+    @property
+    def grad_sync(self) -> GradientSync:
+        if self._grad_sync is None:
+            experts = [p for shard in self._shards for p in shard.params()]
+            self._grad_sync = GradientSync(
+                self.lightning_module, self.mesh, experts, self.parameter_owners(), self.root_device
+            )
+        return self._grad_sync
+
+    def sync_gradients(self) -> float | None:
+        """Makes every rank's gradients those of the global batch's loss, then clips them by the whole
+        model's norm if the trainer asks for it; returns that norm (None when not clipping)."""
+        self.grad_sync.reduce()
+        trainer = self.lightning_module.trainer
+        if trainer.gradient_clip_val and (trainer.gradient_clip_algorithm or "norm") == "norm":
+            return self.grad_sync.clip(float(trainer.gradient_clip_val))
+        return None
+
+    # ------------------------------------------------------------------ checkpoints
+    def full_module_state(self) -> dict[str, Any]:
+        """Every tensor of the module's state dict as this rank holds it (experts: its shard)."""
+        return super().lightning_module_state_dict()
+
+    @override
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        state = self.full_module_state()
+        if not self._shards:
+            return state
+        return full_state_dict(state, self._shards, self._expert_comm("the checkpoint"))
+
+    @override
+    def load_model_state_dict(self, checkpoint: dict[str, Any], strict: bool = True) -> None:
+        # Lightning loads before setup (the whole module); after it, the experts are sharded
+        if not self._shards:
+            return super().load_model_state_dict(checkpoint, strict)
+        self.lightning_module.load_state_dict(local_state_dict(checkpoint["state_dict"], self._shards), strict=strict)
+
+    @override
+    def optimizer_state(self, optimizer) -> dict[str, Any]:
+        state = super().optimizer_state(optimizer)
+        if not self._shards or not state:
+            return state
+        opt = optimizer._optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
+        return full_optimizer_state(opt, state, self._shards, self._expert_comm("the checkpoint"))
+
+    @override
+    def load_optimizer_state_dict(self, checkpoint: dict[str, Any]) -> None:
+        if not self._shards:
+            return super().load_optimizer_state_dict(checkpoint)
+        super().load_optimizer_state_dict(sliced_optimizer_states(checkpoint, self.optimizers, self._shards))
+
+    def _expert_comm(self, where: str):
+        return self.mesh.comm(self.mesh.expert_group, where)
+
+    # ------------------------------------------------------------------ end
+    @override
+    def on_exception(self, exception: BaseException) -> None:
+        self._failed = True  # no collectives in teardown: the other ranks may be gone
+        super().on_exception(exception)
+
+    @override
+    def teardown(self) -> None:
+        """Gathers the expert shards back into every rank's module (after a normal end)."""
+        if self._shards and not self._failed:
+            unshard_experts(self._shards, self._expert_comm("teardown"))
+        self._shards, self._mesh, self._grad_sync = [], None, None
+        super().teardown()
+
+
+def check_model(
+    module: torch.nn.Module,
+    expert_parallel_size: int,
+    *,
+    strategy: str = "ExpertParallelStrategy",
+    instead: str = "train with strategy ddp",
+) -> None:
+    """Clear errors for models expert parallelism cannot split (``strategy`` and ``instead``: the
+    strategy named in the message and the alternative it offers)."""
+    layers = moe_layers(module)
+    config = getattr(module, "config", None)
+    if not layers:
+        detail = (
+            f" (model.config.first_k_dense_replace {config.first_k_dense_replace} >= num_hidden_layers "
+            f"{config.num_hidden_layers})"
+            if config is not None and hasattr(config, "first_k_dense_replace")
+            else ""
+        )
+        raise ValueError(
+            f"{strategy} shards MoE layers, but the model has none{detail}: lower "
+            f"model.config.first_k_dense_replace, or {instead}"
+        )
+    for name, moe in layers:
+        num_experts = moe.experts.num_experts
+        if num_experts % expert_parallel_size:
+            raise ValueError(
+                f"model.config.n_routed_experts ({num_experts}, layer {name}) must be divisible by "
+                f"{KEY}.expert_parallel_size ({expert_parallel_size}): change one of them"
+            )
+
+
+__all__ = ["ParallelStrategy", "check_model"]
