@@ -130,7 +130,7 @@ class Zero1:
             raise ValueError(f"zero1: parameter names must be unique over the shard groups: {sorted(names)}")
         if optimizer.state:
             warnings.warn("zero1: the optimizer's existing state is discarded (load_state_chunks loads it)")
-        self.layouts: list[FlatShard] = []
+        masters: list[list[FlatShard]] = [[] for _ in optimizer.param_groups]
         placed = set()
         for g, param_group in enumerate(optimizer.param_groups):
             members: list[list[tuple[str, nn.Parameter]]] = [[] for _ in shard_groups]
@@ -143,17 +143,15 @@ class Zero1:
                 k, name = where[id(p)]
                 members[k].append((name, p))
                 placed.add(id(p))
-            masters = []
             for k, params in enumerate(members):
                 if params:
                     label = f"param group {g} x shard group {shard_groups[k].label!r}"
                     sg = shard_groups[k]
-                    self.layouts.append(FlatShard(params, sg.group, sg.divisor, label))
-                    masters.append(self.layouts[-1].master)
-            param_group["params"] = masters
+                    masters[g].append(FlatShard(params, sg.group, sg.divisor, label))
         left = [name for sg in shard_groups for name, p in sg.params if id(p) not in placed]
         if left:
             warnings.warn(f"zero1: {len(left)} parameters of the shard groups are not optimized: {left}")
+        self.layouts = [fs for group in masters for fs in group]
         assert self.layouts, "torch optimizers refuse an empty parameter list"
         self.global_ranges = {n: (0, p.numel()) for fs in self.layouts for n, p in zip(fs.names, fs.params)}
         for name, (offset, numel) in (global_ranges or {}).items():
@@ -164,6 +162,8 @@ class Zero1:
                     f"tensor of {local} elements (or names no sharded parameter)"
                 )
             self.global_ranges[name] = (offset, numel)
+        for param_group, shards in zip(optimizer.param_groups, masters):  # validated: now re-point it
+            param_group["params"] = [fs.master for fs in shards]
         optimizer.state = defaultdict(dict)
         self._held: list[tuple[FlatShard, list]] = []
         self._hook = optimizer.register_step_post_hook(lambda *_: self._put_back())

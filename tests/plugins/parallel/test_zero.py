@@ -292,7 +292,7 @@ def one_rank(**kwargs):
 @pytest.mark.parametrize(
     ("build", "match"),
     [
-        (lambda a, b: (torch.optim.AdamW([a, b]), [[("a", a)]]), "in no shard group"),
+        (lambda a, b: (torch.optim.AdamW([{"params": [a]}, {"params": [b]}]), [[("a", a)]]), "no shard group"),
         (lambda a, b: (torch.optim.AdamW([a, b]), [[("a", a), ("b", b), ("a2", a)]]), "in two shard groups"),
         (lambda a, b: (torch.optim.AdamW([a, b]), [[("a", a)], [("a", b)]]), "names must be unique"),
         (lambda a, b: (torch.optim.AdamW([c := nn.Parameter(b.detach().T)]), [[("c", c)]]), "not contiguous"),
@@ -308,9 +308,11 @@ def one_rank(**kwargs):
 def test_errors(build, match):
     a, b = one_rank()
     optimizer, groups = build(a, b)
+    before = [[id(p) for p in group["params"]] for group in optimizer.param_groups]
     with pytest.raises(ValueError, match=match):
         Zero1(optimizer, [ShardGroup(label=f"g{i}", params=g, group=dist.group.WORLD, divisor=1) for i, g in
                           enumerate(groups)])  # fmt: skip
+    assert [[id(p) for p in group["params"]] for group in optimizer.param_groups] == before, "left untouched"
 
 
 def test_errors_of_arguments():
