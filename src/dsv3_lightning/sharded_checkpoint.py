@@ -113,9 +113,11 @@ class Chunk:
         layout). Only whole rows are contiguous in the flattened order, so only row chunks qualify."""
         if self.local.dim() > 1 and (any(self.offsets[1:]) or self.local.shape[1:] != self.global_shape[1:]):
             raise ValueError(f"only a chunk of whole rows is a range of the flattened tensor, not {self}")
+        if not self.local.is_contiguous():  # reshape would copy: a load would fill the copy
+            raise ValueError(f"flattened() needs a contiguous local tensor (a load fills its view): {self}")
         row = math.prod(self.global_shape[1:])
         numel = self.global_shape.numel()
-        return Chunk(self.local.reshape(-1), torch.Size((numel,)), (self.offsets[0] * row,))
+        return Chunk(self.local.view(-1), torch.Size((numel,)), (self.offsets[0] * row,))
 
     def __repr__(self) -> str:
         return f"Chunk({list(self.local.shape)} at {list(self.offsets)} of {list(self.global_shape)})"
@@ -241,19 +243,21 @@ def read_metadata(root: Path) -> Metadata:
     return metadata
 
 
-def read_objects(path: str | Path) -> dict[str, Any]:
-    """The objects of a checkpoint; no tensor entry is read."""
+def read_objects(path: str | Path, *, weights_only: bool | None = False) -> dict[str, Any]:
+    """The objects of a checkpoint; no tensor entry is read. ``weights_only`` is ``torch.load``'s (the
+    objects hold the run's classes: its ``ModelConfig``, the heads)."""
     root = resolve(path)
-    return torch.load(root / OBJECTS_FILE, map_location="cpu", weights_only=False)
+    return torch.load(root / OBJECTS_FILE, map_location="cpu", weights_only=weights_only)
 
 
 # ------------------------------------------------------------------------------- save, load
 class _Ranks:
-    """The ranks of ``process_group`` (default: world), or this process alone without one."""
+    """The ranks of ``process_group`` (default: world), or this process alone: without a process group,
+    or with ``no_dist`` (one process of a distributed run reading or writing on its own)."""
 
-    def __init__(self, process_group) -> None:
+    def __init__(self, process_group, no_dist: bool = False) -> None:
         self.group = process_group
-        self.distributed = dist.is_available() and dist.is_initialized()
+        self.distributed = not no_dist and dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank(process_group) if self.distributed else 0
 
     def on_first(self, fn: Callable[..., None], *args) -> None:
@@ -329,12 +333,12 @@ def _swap(partial: Path, path: Path) -> None:
     _remove(old)
 
 
-def save(path: str | Path, state: Mapping[str, Any], *, process_group=None) -> None:
+def save(path: str | Path, state: Mapping[str, Any], *, process_group=None, no_dist: bool = False) -> None:
     """Collective over ``process_group``: each rank passes its own ``state`` (see the module docstring)."""
     path = Path(path)
     tensors = {k: v for k, v in state.items() if isinstance(v, (torch.Tensor, Chunk))}
     objects = {k: v for k, v in state.items() if k not in tensors}
-    ranks = _Ranks(process_group)
+    ranks = _Ranks(process_group, no_dist)
     partial = _partial(path)
     ranks.on_first(_prepare, partial, objects)
     with _dcp_call(ranks):
@@ -375,12 +379,15 @@ class _CheckedLoadPlanner(_LoadPlanner):
         return super().create_local_plan()
 
 
-def load(path: str | Path, state: Mapping[str, Any], *, process_group=None) -> dict[str, Any]:
-    """Collective over ``process_group`` (or one process without a process group): fills each rank's
-    tensors and Chunks in place from whichever saved chunks overlap them; returns the objects."""
+def load(
+    path: str | Path, state: Mapping[str, Any], *, process_group=None, no_dist: bool = False
+) -> dict[str, Any]:
+    """Collective over ``process_group`` (or this process alone: no process group, or ``no_dist``):
+    fills each rank's tensors and Chunks in place (cast to their dtype) from whichever saved chunks
+    overlap them; returns the objects."""
     root = resolve(path)
     read_metadata(root)  # names a missing shard file
-    ranks = _Ranks(process_group)
+    ranks = _Ranks(process_group, no_dist)
     with _dcp_call(ranks):
         dcp.load(dict(state), storage_reader=FileSystemReader(root), planner=_CheckedLoadPlanner(root),
                  process_group=process_group, no_dist=not ranks.distributed)

@@ -107,7 +107,8 @@ def optimizer_entries(
     ``named_parameters`` names); ``chunk_of(param, name, value)`` returns this rank's per-parameter
     tensor ``value`` as a 1-D block of the flattened global tensor: the default, for a rank holding the
     whole parameter, is the replicated ``value.reshape(-1)``; a rank holding expert rows returns
-    ``Chunk.rows(value, E, offset).flattened()``, a ZeRO-1 rank ``Chunk(value, (numel,), (start,))``."""
+    ``Chunk.rows(value, E, offset).flattened()``, a ZeRO-1 rank ``Chunk(value, (numel,), (start,))``.
+    Used for load templates, each returned tensor must be a view of the one to fill."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
     param_names = [names[p] for p in params]
     tensors: dict[str, torch.Tensor | Chunk] = {}
@@ -177,12 +178,16 @@ def lightning_entries(
 
 
 def read_lightning_checkpoint(
-    path: str | Path, *, optimizer_states: bool = True, allocate: Allocate | None = None
+    path: str | Path,
+    *,
+    optimizer_states: bool = True,
+    allocate: Allocate | None = None,
+    weights_only: bool | None = False,
 ) -> dict[str, Any]:
     """The ordinary Lightning checkpoint dict of a sharded checkpoint, in this process: full tensors, and
     ``optimizer_states`` in ``optimizer.state_dict()``'s format (left out with ``optimizer_states=False``:
-    then no optimizer tensor is read)."""
-    objects = read_objects(path)
+    then no optimizer tensor is read). ``weights_only`` applies to the objects (``read_objects``)."""
+    objects = read_objects(path, weights_only=weights_only)
     sizes = tensor_entries(path)
     tensors = dict(iter_full_tensors(path, "" if optimizer_states else STATE_DICT, allocate))
     if not optimizer_states:
@@ -210,7 +215,7 @@ class ShardedCheckpointIO(TorchCheckpointIO):
         self, path: _PATH, map_location: Any = lambda storage, loc: storage, weights_only: bool | None = None
     ) -> dict[str, Any]:
         if Path(path).is_dir() or is_sharded_checkpoint(path):  # a directory is never a torch.save file
-            return read_lightning_checkpoint(path)
+            return read_lightning_checkpoint(path, weights_only=weights_only)
         return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
 
     @override

@@ -238,3 +238,17 @@ def test_chunks_that_do_not_fit_are_refused():
         Chunk(torch.zeros(3), (4,), (2,))
     with pytest.raises(ValueError, match="only a chunk of whole rows"):
         Chunk(torch.zeros(2, 2), (2, 4), (0, 2)).flattened()
+    with pytest.raises(ValueError, match="flattened.. needs a contiguous local tensor"):
+        Chunk.rows(torch.zeros(3, 4).t(), 8, 0).flattened()
+
+
+def load_alone(rank: int, world: int, path) -> list[float]:
+    w = torch.zeros(4)
+    load(path, {"w": w}, no_dist=True)  # inside a 2-rank run, this process on its own
+    return w.tolist()
+
+
+def test_one_rank_of_a_distributed_run_loads_on_its_own(tmp_path):
+    save(tmp_path / "ck", {"w": torch.arange(4.0)})
+    results = run_ranks(2, load_alone, tmp_path / "ck")
+    assert results == {r: ("ok", [0.0, 1.0, 2.0, 3.0]) for r in range(2)}, results
