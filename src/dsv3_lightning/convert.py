@@ -1,6 +1,7 @@
 """``dsv3 convert``: a Lightning checkpoint to a Hugging Face directory, and back.
 
     dsv3 convert runs/tiny/version_0/checkpoints/last.ckpt hf_dir/      # .ckpt -> Hugging Face
+    dsv3 convert runs/ep/version_0/checkpoints/last.ckpt/ hf_dir/       # sharded directory -> Hugging Face
     dsv3 convert hf_dir/ model.ckpt                                      # Hugging Face -> .ckpt
     dsv3 convert deepseek_fp8_dir/ hf_dir/                               # FP8 blocks -> dequantized
     dsv3 convert last.ckpt hf_dir/ --overwrite                           # into a non-empty hf_dir/
@@ -10,6 +11,10 @@ a model built on the meta device, so no tensor is copied before it is written; s
 ``--max_shard_size`` follow ``save_pretrained``. Prediction heads export themselves through
 ``PredictionHead.hf_state_dict`` (MTP modules as layers ``num_hidden_layers + k``, with
 ``num_nextn_predict_layers`` in config.json), and the run's tokenizer becomes ``tokenizer.json``.
+
+Sharded checkpoint directory (``sharded_checkpoint``: a distributed run's, told by its DCP metadata)
+-> Hugging Face: the same, each model tensor assembled from its chunks into a file-backed buffer
+beside DST, one at a time; the optimizer state is never read.
 
 Hugging Face -> .ckpt: a weights-and-tokenizer checkpoint that ``dsv3 generate``, ``dsv3 validate
 --ckpt_path`` and ``DSV3LightningModule.load_from_checkpoint`` open. MTP layers in the directory are
@@ -51,6 +56,7 @@ from dsv3_lightning.config import ModelConfig
 from dsv3_lightning.heads import build_head
 from dsv3_lightning.hf import CONFIG_NAME, INDEX_FILE, config_from_hf, extra_layer_indices, new_file_mode
 from dsv3_lightning.loading import module_from_checkpoint
+from dsv3_lightning.sharded_checkpoint import looks_sharded, resolve
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +66,26 @@ _MODEL_FILES = (CONFIG_NAME, "tokenizer.json", INDEX_FILE, "model*.safetensors")
 
 def _ckpt_to_hf(src: Path, dst: Path, max_shard_size: int) -> None:
     checkpoint = torch.load(src, map_location="cpu", weights_only=False, mmap=True)
+    _checkpoint_to_hf(checkpoint, src, dst, max_shard_size)
+
+
+def _sharded_to_hf(src: Path, dst: Path, max_shard_size: int) -> None:
+    """The model tensors are assembled into file-backed buffers (as ``_hf_to_ckpt`` reads), so the
+    process holds at most the one tensor being assembled, not the model."""
+    from dsv3_lightning.sharded_checkpoint_io import read_lightning_checkpoint
+
+    with tempfile.TemporaryDirectory(dir=dst.parent, prefix=f".{dst.name}.") as tmp:
+        buffers = itertools.count()
+
+        def file_backed(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+            numel = math.prod(shape)
+            return torch.from_file(f"{tmp}/{next(buffers)}", shared=True, size=numel, dtype=dtype).view(shape)
+
+        checkpoint = read_lightning_checkpoint(src, optimizer_states=False, allocate=file_backed)
+        _checkpoint_to_hf(checkpoint, src, dst, max_shard_size)
+
+
+def _checkpoint_to_hf(checkpoint: dict, src: Path, dst: Path, max_shard_size: int) -> None:
     module = module_from_checkpoint(checkpoint, str(src))
     extra = {}
     for head in module.heads:
@@ -132,7 +158,8 @@ def convert(
     """Convert between a Lightning checkpoint and a Hugging Face directory (the direction from SRC).
 
     Args:
-        src: A .ckpt from dsv3 fit, or a Hugging Face DeepSeek-V3 directory (FP8 or not).
+        src: A .ckpt or a sharded checkpoint directory from dsv3 fit, or a Hugging Face DeepSeek-V3
+            directory (FP8 or not).
         dst: The Hugging Face directory to write (from a .ckpt or an FP8 directory), or the .ckpt to
             write (from a Hugging Face directory).
         max_shard_size: Bytes per safetensors shard when writing a Hugging Face directory.
@@ -153,13 +180,18 @@ def _plan(
     src: str, source: Path, dst: str, target: Path, max_shard_size: int, mtp_head: str
 ) -> Callable[[], None]:
     """Checks SRC and the kind of DST, and returns the conversion, not yet run."""
-    if not source.exists():
+    sharded = looks_sharded(source)  # also a sharded SRC missing after an interrupted save (its .old)
+    if not source.exists() and not sharded:
         raise FileNotFoundError(f"{src}: no such checkpoint file or directory")
     if target.exists() and target.resolve() == source.resolve():
         raise ValueError(f"{dst}: is SRC itself; name another DST")
-    if source.is_file():
+    if source.is_file() or sharded:
         if target.suffix == ".ckpt" or target.is_file():
-            raise ValueError(f"{dst}: converting a .ckpt gives a Hugging Face directory; name a directory")
+            what = "a sharded checkpoint" if sharded else "a .ckpt"
+            raise ValueError(f"{dst}: converting {what} gives a Hugging Face directory; name a directory")
+        if sharded:
+            resolve(source)  # refuses an incomplete one now, before DST is touched
+            return lambda: _sharded_to_hf(source, target, max_shard_size)
         return lambda: _ckpt_to_hf(source, target, max_shard_size)
     config = json.loads((source / "config.json").read_text()) if (source / "config.json").is_file() else None
     if config is None:

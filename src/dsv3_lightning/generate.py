@@ -2,10 +2,12 @@
 
     dsv3 generate --ckpt_path runs/tiny/version_0/checkpoints/last.ckpt --prompt "def main("
     dsv3 generate --ckpt_path hf_dir/ --prompt "import" --temperature 0.8 --top_p 0.95 --stop "\\n\\n"
+    dsv3 generate --ckpt_path runs/ep/version_0/checkpoints/last.ckpt/ --prompt "def"   # sharded directory
 
 Greedy by default. With a checkpoint trained with multi-token prediction, greedy decoding is
 self-speculative (the MTP modules draft, the main model verifies: the same text, fewer main-model
-forwards) unless ``--speculative false``. The tokenizer is the one saved in the Lightning checkpoint,
+forwards) unless ``--speculative false``. The tokenizer is the one saved in the Lightning checkpoint
+(a file, or a sharded checkpoint directory, whose model tensors alone are read),
 or ``tokenizer.json`` in a Hugging Face directory, or ``--tokenizer``. The rate and the acceptance
 of the drafts go to stderr, the text to stdout.
 """
@@ -63,7 +65,8 @@ def run(
     """Generate a continuation of a prompt.
 
     Args:
-        ckpt_path: A Lightning checkpoint (.ckpt) from dsv3 fit, or a Hugging Face model directory.
+        ckpt_path: A Lightning checkpoint from dsv3 fit (a .ckpt file, or the directory of a sharded
+            checkpoint), or a Hugging Face model directory.
         prompt: The text to continue.
         max_new_tokens: At most this many tokens are generated.
         temperature: 0 is greedy decoding; above 0, sampling from softmax(logits / temperature).

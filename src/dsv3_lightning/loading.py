@@ -3,6 +3,9 @@
 - a Lightning checkpoint (``.ckpt`` from ``dsv3 fit``): the model, its prediction heads (rebuilt from
   the checkpoint's hyperparameters, so MTP modules come back) and the tokenizer the run trained,
   which the data module stores in every checkpoint;
+- a sharded checkpoint directory (a distributed ``dsv3 fit``; ``sharded_checkpoint``), told from a
+  Hugging Face directory by its DCP files: the same, its model tensors assembled one at a time and its
+  optimizer state never read;
 - a Hugging Face directory (config.json + safetensors): the model, MTP tensors kept aside in
   ``model.mtp_checkpoint_state``, and ``tokenizer.json`` when the directory has one.
 
@@ -19,6 +22,7 @@ from tokenizers import Tokenizer
 
 from dsv3_lightning.heads import PredictionHead
 from dsv3_lightning.model.transformer import DeepSeekV3
+from dsv3_lightning.sharded_checkpoint import looks_sharded
 from dsv3_lightning.tokenizer import load_tokenizer, tokenizer_from_str
 
 
@@ -66,7 +70,13 @@ def module_from_checkpoint(checkpoint: dict, source: str, heads: list[Prediction
 
 
 def load_lightning_checkpoint(path: Path, heads: list[PredictionHead] | None = None) -> LoadedModel:
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    """A ``.ckpt`` file, or a sharded checkpoint directory."""
+    if path.is_file():
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    else:
+        from dsv3_lightning.sharded_checkpoint_io import read_lightning_checkpoint
+
+        checkpoint = read_lightning_checkpoint(path, optimizer_states=False)
     module = module_from_checkpoint(checkpoint, str(path), heads)
     module.to(torch.get_default_dtype())  # as a module built for training would hold them
     data_state = checkpoint.get("DSV3DataModule", {})
@@ -85,15 +95,17 @@ def load_hf_directory(path: Path) -> LoadedModel:
 def load_trained(
     path: str | Path, *, tokenizer_path: str | Path | None = None, heads: list[PredictionHead] | None = None
 ) -> LoadedModel:
-    """A Lightning ``.ckpt`` or a Hugging Face directory; ``tokenizer_path`` overrides its tokenizer, and
-    ``heads`` the prediction heads a checkpoint's hyperparameters describe."""
+    """A Lightning ``.ckpt``, a sharded checkpoint directory or a Hugging Face directory; ``tokenizer_path``
+    overrides its tokenizer, and ``heads`` the prediction heads a checkpoint's hyperparameters describe."""
     path = Path(path).expanduser()
-    if path.is_dir():
-        loaded = load_hf_directory(path)
-    elif path.is_file():
+    if path.is_file() or looks_sharded(path):  # looks_sharded: a complete one, its .old fallback, or not
         loaded = load_lightning_checkpoint(path, heads)
+    elif path.is_dir():
+        loaded = load_hf_directory(path)
     else:
-        raise FileNotFoundError(f"{path}: no such checkpoint file or Hugging Face directory")
+        raise FileNotFoundError(
+            f"{path}: no such checkpoint file, sharded checkpoint or Hugging Face directory"
+        )
     if tokenizer_path is not None:
         loaded.tokenizer = load_tokenizer(tokenizer_path)
     return loaded
