@@ -36,14 +36,14 @@ import torch.distributed as dist
 from dsv3_lightning.plugins.dualpipe.overlap import OverlapHook, run_sequentially
 from dsv3_lightning.plugins.dualpipe.partition import PipelinePiece
 from dsv3_lightning.plugins.dualpipe.plans import SchedulePlan
-from torch.distributed.pipelining._backward import stage_backward_input, stage_backward_weight
-from torch.distributed.pipelining.schedules import (
+from dsv3_lightning.plugins.dualpipe.torch_pipelining import stage_backward_input, stage_backward_weight
+from dsv3_lightning.plugins.dualpipe.torch_pipelining import (
     BACKWARD_INPUT,
     BACKWARD_WEIGHT,
     FORWARD,
     FULL_BACKWARD,
     OVERLAP_F_B,
-    _Action,
+    Action,
 )
 
 
@@ -105,7 +105,7 @@ class BidirectionalRuntime:
         work.wait()
         return buf
 
-    def _input_of(self, action: _Action) -> tuple[int, int, int, int] | None:
+    def _input_of(self, action: Action) -> tuple[int, int, int, int] | None:
         """(from stage, kind, stage, micro-batch) of the message an F or B/I action starts by receiving."""
         stage, mb = action.stage_index, action.microbatch_index
         if action.computation_type == FORWARD:
@@ -116,7 +116,7 @@ class BidirectionalRuntime:
             return None if nxt is None else (nxt, 1, stage, mb)
         return None
 
-    def receive_inputs(self, actions: list[_Action]) -> None:
+    def receive_inputs(self, actions: list[Action]) -> None:
         """Receives what ``actions`` start from (activations, gradients) before any of them runs, as
         DeepSeek's DualPipe does before an overlapped (F;B) pair: inside the pair no chunk then waits
         for a peer while the other chunk waits for its turn."""
@@ -178,7 +178,7 @@ class BidirectionalRuntime:
         else:
             stage_backward_weight(iter(list(self._piece(stage).parameters())), chunk.param_groups)
 
-    def run_action(self, action: _Action) -> None:
+    def run_action(self, action: Action) -> None:
         """Runs one F, B, I or W action of this rank (an overlap hook calls it for the pair's parts)."""
         kind, stage, mb = action.computation_type, action.stage_index, action.microbatch_index
         if kind == FORWARD:

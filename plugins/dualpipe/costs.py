@@ -20,7 +20,7 @@ import time
 import torch
 from dsv3_lightning.plugins.dualpipe.partition import PipelinePiece
 from dsv3_lightning.plugins.dualpipe.simulator import ChunkCosts
-from torch.distributed.pipelining._backward import stage_backward_input, stage_backward_weight
+from dsv3_lightning.plugins.dualpipe.torch_pipelining import stage_backward_input, stage_backward_weight
 
 from dsv3_lightning.module import DSV3LightningModule
 

@@ -1,7 +1,7 @@
 """The action lists of DeepSeek's original, bidirectional DualPipe (two copies of every stage).
 
 torch.distributed.pipelining has DualPipeV but not the two-copy DualPipe, so this module writes its
-per-rank action lists in torch's ``_Action`` notation, for ``bidirectional_layout`` (layout.py):
+per-rank action lists in torch's ``Action`` notation, for ``bidirectional_layout`` (layout.py):
 stages 0..N-1 are the forward direction (micro-batches 0..C-1 enter at rank 0), stages N..2N-1 the
 reverse direction (micro-batches C..2C-1 enter at rank N-1), C = num_microbatches / 2.
 
@@ -27,13 +27,13 @@ from __future__ import annotations
 
 from collections import deque
 
-from torch.distributed.pipelining.schedules import (
+from dsv3_lightning.plugins.dualpipe.torch_pipelining import (
     BACKWARD_INPUT,
     BACKWARD_WEIGHT,
     FORWARD,
     FULL_BACKWARD,
     OVERLAP_F_B,
-    _Action,
+    Action,
 )
 
 
@@ -44,20 +44,20 @@ class _RankProgram:
         self.stages = stages
         self.next_f = list(first_mb)
         self.next_b = list(first_mb)
-        self.pending_w: deque[_Action] = deque()
-        self.actions: list[_Action] = []
+        self.pending_w: deque[Action] = deque()
+        self.actions: list[Action] = []
 
-    def _f(self, chunk: int) -> _Action:
-        action = _Action(self.stages[chunk], FORWARD, self.next_f[chunk])
+    def _f(self, chunk: int) -> Action:
+        action = Action(self.stages[chunk], FORWARD, self.next_f[chunk])
         self.next_f[chunk] += 1
         return action
 
-    def _b(self, chunk: int, zero_bubble: bool = False) -> _Action:
+    def _b(self, chunk: int, zero_bubble: bool = False) -> Action:
         kind = BACKWARD_INPUT if zero_bubble else FULL_BACKWARD
-        action = _Action(self.stages[chunk], kind, self.next_b[chunk])
+        action = Action(self.stages[chunk], kind, self.next_b[chunk])
         self.next_b[chunk] += 1
         if zero_bubble:
-            self.pending_w.append(_Action(action.stage_index, BACKWARD_WEIGHT, action.microbatch_index))
+            self.pending_w.append(Action(action.stage_index, BACKWARD_WEIGHT, action.microbatch_index))
         return action
 
     def forward(self, chunk: int) -> None:
@@ -71,10 +71,10 @@ class _RankProgram:
             self.actions.append(self.pending_w.popleft())
 
     def overlapped(self, f_chunk: int, b_chunk: int) -> None:
-        self.actions.append(_Action(-1, OVERLAP_F_B, None, (self._f(f_chunk), self._b(b_chunk))))
+        self.actions.append(Action(-1, OVERLAP_F_B, None, (self._f(f_chunk), self._b(b_chunk))))
 
 
-def dualpipe_actions(num_ranks: int, num_microbatches: int) -> dict[int, list[_Action]]:
+def dualpipe_actions(num_ranks: int, num_microbatches: int) -> dict[int, list[Action]]:
     """Per-rank compute actions of DualPipe for ``num_ranks`` (even) and ``num_microbatches`` (even, >= 2N)."""
     n, half = num_ranks, num_ranks // 2
     c = num_microbatches // 2

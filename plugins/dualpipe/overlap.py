@@ -29,18 +29,18 @@ from typing import TYPE_CHECKING, Protocol
 from dsv3_lightning.plugins.dualpipe.interleaver import ChunkInterleaver
 from dsv3_lightning.plugins.expert_parallel.dispatcher import AllToAllTokenDispatcher
 from torch import nn
-from torch.distributed.pipelining.schedules import _Action
+from dsv3_lightning.plugins.dualpipe.torch_pipelining import Action
 
 if TYPE_CHECKING:
     from dsv3_lightning.plugins.dualpipe.bidirectional_runtime import BidirectionalRuntime
 
 
 class OverlapHook(Protocol):
-    def __call__(self, runtime: BidirectionalRuntime, forward: _Action, backward: _Action) -> None:
+    def __call__(self, runtime: BidirectionalRuntime, forward: Action, backward: Action) -> None:
         """Runs ``forward`` (an F) and ``backward`` (a B or I) through ``runtime.run_action`` or finer."""
 
 
-def run_sequentially(runtime: BidirectionalRuntime, forward: _Action, backward: _Action) -> None:
+def run_sequentially(runtime: BidirectionalRuntime, forward: Action, backward: Action) -> None:
     runtime.run_action(forward)
     runtime.run_action(backward)
 
@@ -62,6 +62,6 @@ class InterleavedOverlap:
                 count += 1
         return count
 
-    def __call__(self, runtime: BidirectionalRuntime, forward: _Action, backward: _Action) -> None:
+    def __call__(self, runtime: BidirectionalRuntime, forward: Action, backward: Action) -> None:
         runtime.receive_inputs([forward, backward])  # the only blocking waits left in the pair: all-to-alls
         self.interleaver.run_pair(lambda: runtime.run_action(forward), lambda: runtime.run_action(backward))

@@ -5,7 +5,7 @@
 
 builds this rank's stages and the schedule that runs the plan's action lists:
 
-    1f1b        torch PipelineStage x1, torch _PipelineScheduleRuntime fed our lists (baseline_actions.py)
+    1f1b        torch PipelineStage x1, torch ActionListRuntime fed our lists (baseline_actions.py)
     zb          torch PipelineStage x1, torch ScheduleInterleavedZeroBubble
     dualpipev   torch PipelineStage x2, torch ScheduleDualPipeV; with ``overlap``: ScheduleDualPipeV's lists
                 on BidirectionalRuntime (ours), whose (F;B) pairs the hook runs
@@ -35,9 +35,9 @@ import torch.distributed as dist
 from dsv3_lightning.plugins.dualpipe.bidirectional_runtime import BidirectionalRuntime
 from dsv3_lightning.plugins.dualpipe.overlap import OverlapHook
 from dsv3_lightning.plugins.dualpipe.partition import build_pieces, parameter_names
-from dsv3_lightning.plugins.dualpipe.plans import SchedulePlan, compute_only, torch_schedule_class
-from torch.distributed.pipelining import PipelineStage
-from torch.distributed.pipelining.schedules import _PipelineScheduleRuntime
+from dsv3_lightning.plugins.dualpipe.plans import SchedulePlan, compute_only, plan_spec, spec
+from dsv3_lightning.plugins.dualpipe.torch_pipelining import PipelineStage
+from dsv3_lightning.plugins.dualpipe.torch_pipelining import ActionListRuntime
 
 from dsv3_lightning.module import DSV3LightningModule
 
@@ -68,10 +68,13 @@ def split_microbatches(tokens: torch.Tensor, num_microbatches: int) -> list[torc
     return list(tokens.chunk(num_microbatches))
 
 
-def check_backend(schedule: str, backend: str) -> None:
-    if schedule == "dualpipe" and backend != "gloo":
+def check_backend(schedule: str, backend: str, *, overlap: bool = False) -> None:
+    """Our runtime (schedules whose lists torch does not run, and overlapped pairs) tells its messages apart
+    by tag: gloo does, NCCL matches point-to-point messages in order."""
+    on_ours = spec(schedule).runtime == "ours" or (overlap and spec(schedule).pairs)
+    if on_ours and backend != "gloo":
         raise NotImplementedError(
-            f"{_KEY}.schedule 'dualpipe' runs on our runtime, which tells its messages apart by tag: gloo "
+            f"{_KEY}.schedule {schedule!r} runs on our runtime, which tells its messages apart by tag: gloo "
             f"does, {backend} matches them in order; use schedule 'dualpipev' (torch's runtime) on GPUs"
         )
 
@@ -133,8 +136,9 @@ class PipelineRunner:
 
     # ------------------------------------------------------------------ schedule
     def _build(self, tokens_mb: torch.Tensor) -> None:
-        if self.plan.schedule == "dualpipe" or (self.plan.schedule == "dualpipev" and self.overlap is not None):
-            check_backend(self.plan.schedule, dist.get_backend(self.group))
+        kind = plan_spec(self.plan)
+        if kind.runtime == "ours" or (kind.pairs and self.overlap is not None):
+            check_backend(self.plan.schedule, dist.get_backend(self.group), overlap=self.overlap is not None)
             b, s = tokens_mb.shape[0], tokens_mb.shape[1] - 1 - self.module.extra_tokens
             dtype = self.module.model.model.embed_tokens.weight.dtype
             hidden = (b, s, self.module.config.hidden_size)
@@ -151,12 +155,10 @@ class PipelineRunner:
             for s in self.local_stages
         ]
         m = self.plan.num_microbatches
-        if self.plan.schedule in ("zb", "dualpipev"):
-            schedule = torch_schedule_class(self.plan.schedule)(
-                stages, m, loss_fn=_ScaledLoss(m), scale_grads=False
-            )
+        if kind.lists == "torch":
+            schedule = kind.torch_class(stages, m, loss_fn=_ScaledLoss(m), scale_grads=False)
         else:  # our own action lists (1f1b, or a subclass's plan) on torch's action-list runtime
-            schedule = _PipelineScheduleRuntime(stages, m, loss_fn=_ScaledLoss(m), scale_grads=False)
+            schedule = ActionListRuntime(stages, m, loss_fn=_ScaledLoss(m), scale_grads=False)
             schedule.pipeline_order = dict(self.plan.actions)
             schedule._prepare_schedule_with_comms(schedule.pipeline_order)
         self.pipeline_order = compute_only(schedule.pipeline_order)

@@ -26,13 +26,13 @@ from dataclasses import dataclass, field
 
 from dsv3_lightning.plugins.dualpipe.layout import PipelineLayout
 from dsv3_lightning.plugins.dualpipe.plans import SchedulePlan
-from torch.distributed.pipelining.schedules import (
+from dsv3_lightning.plugins.dualpipe.torch_pipelining import (
     BACKWARD_INPUT,
     BACKWARD_WEIGHT,
     FORWARD,
     FULL_BACKWARD,
     OVERLAP_F_B,
-    _Action,
+    Action,
 )
 
 
@@ -51,7 +51,7 @@ class ChunkCosts:
         if min(self.F, self.B, self.W) < 0 or self.W > self.B:
             raise ValueError(f"chunk costs must be >= 0 with W <= B, got {self}")
 
-    def of(self, action: _Action) -> float:
+    def of(self, action: Action) -> float:
         kind = action.computation_type
         if kind == FORWARD:
             return self.F
@@ -95,11 +95,11 @@ class ScheduleDeadlock(RuntimeError):
     pass
 
 
-def _parts(action: _Action) -> tuple[_Action, ...]:
+def _parts(action: Action) -> tuple[Action, ...]:
     return action.sub_actions if action.computation_type == OVERLAP_F_B else (action,)
 
 
-def _ready_after(part: _Action, layout: PipelineLayout, done: dict) -> float | None:
+def _ready_after(part: Action, layout: PipelineLayout, done: dict) -> float | None:
     """When the inputs of ``part`` exist, or None if they do not yet."""
     s, kind, m = part.stage_index, part.computation_type, part.microbatch_index
     if kind == FORWARD:

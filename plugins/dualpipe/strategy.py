@@ -47,14 +47,14 @@ computation (``overlap``; overlap.py).
 from __future__ import annotations
 
 import logging
-from typing import Any, Literal
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 from dsv3_lightning.plugins.dualpipe.evaluation import pipeline_evaluate
 from dsv3_lightning.plugins.dualpipe.overlap import InterleavedOverlap
-from dsv3_lightning.plugins.dualpipe.plans import SchedulePlan, build_plan, validate
+from dsv3_lightning.plugins.dualpipe.plans import Schedule, SchedulePlan, build_plan, spec, validate
 from dsv3_lightning.plugins.dualpipe.runner import PipelineRunner
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.utilities import rank_zero_info
@@ -96,7 +96,7 @@ class DualPipeStrategy(ParallelStrategy):
         self,
         pipeline_parallel_size: int,
         num_microbatches: int,
-        schedule: Literal["dualpipev", "dualpipe", "1f1b", "zb"] = "dualpipev",
+        schedule: Schedule = "dualpipev",
         *,
         expert_parallel_size: int = 1,
         overlap: bool = True,
@@ -134,7 +134,7 @@ class DualPipeStrategy(ParallelStrategy):
         )
 
     def _overlap_hook(self) -> InterleavedOverlap | None:
-        if not (self.overlap and self.schedule in ("dualpipe", "dualpipev") and self._shards):
+        if not (self.overlap and spec(self.schedule).pairs and self._shards):
             return None
         if dist.get_backend(self.mesh.pipeline_group) != "gloo":
             return None  # dualpipev stays on torch's runtime (our runtime tells messages apart by tag)

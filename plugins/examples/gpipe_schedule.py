@@ -3,7 +3,7 @@
 GPipe runs every micro-batch's forward, then every backward: the same bubble as 1F1B,
 (PP - 1)(F + B), but each rank holds all M micro-batches' activations instead of at most PP. It
 takes one documented method, ``DualPipeStrategy.build_plan``, returning each rank's compute actions in
-torch.distributed.pipelining's ``_Action`` notation; torch's action-list runtime adds the sends and
+torch.distributed.pipelining's ``Action`` notation; torch's action-list runtime adds the sends and
 receives, and the strategy runs, logs and checkpoints it like its own schedules:
 
     trainer:
@@ -23,15 +23,15 @@ from typing import Any
 from dsv3_lightning.plugins.dualpipe import DualPipeStrategy
 from dsv3_lightning.plugins.dualpipe.layout import linear_layout
 from dsv3_lightning.plugins.dualpipe.plans import SchedulePlan
-from torch.distributed.pipelining.schedules import FORWARD, FULL_BACKWARD, _Action
+from dsv3_lightning.plugins.dualpipe.torch_pipelining import FORWARD, FULL_BACKWARD, Action
 from typing_extensions import override
 
 
-def gpipe_actions(num_ranks: int, num_microbatches: int) -> dict[int, list[_Action]]:
+def gpipe_actions(num_ranks: int, num_microbatches: int) -> dict[int, list[Action]]:
     """Rank r: F0 .. F(M-1), then B0 .. B(M-1), on its one stage r."""
     return {
-        rank: [_Action(rank, FORWARD, m) for m in range(num_microbatches)]
-        + [_Action(rank, FULL_BACKWARD, m) for m in range(num_microbatches)]
+        rank: [Action(rank, FORWARD, m) for m in range(num_microbatches)]
+        + [Action(rank, FULL_BACKWARD, m) for m in range(num_microbatches)]
         for rank in range(num_ranks)
     }
 

@@ -34,7 +34,7 @@ from contextlib import nullcontext
 import torch
 from dsv3_lightning.plugins.dualpipe.partition import PipelinePiece
 from dsv3_lightning.plugins.dualpipe.plans import SchedulePlan
-from torch.distributed.pipelining.schedules import (
+from dsv3_lightning.plugins.dualpipe.torch_pipelining import (
     BACKWARD_INPUT,
     BACKWARD_WEIGHT,
     FORWARD,

@@ -287,7 +287,9 @@ def _check_devices(devices: int, pipeline: int, expert: int) -> None:
 
 
 def _min_microbatches(schedule: str, pipeline: int) -> int:
-    return 2 * pipeline if schedule in ("dualpipe", "dualpipev") else max(pipeline, 1)
+    from dsv3_lightning.plugins.dualpipe.plans import spec
+
+    return spec(schedule).min_microbatches_per_rank * max(pipeline, 1)
 
 
 def _micro_batch(args, run: RunSettings, num_microbatches: int, pipelined: bool) -> tuple[int, str]:

@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 from dsv3_lightning.plugins.dualpipe.plans import SCHEDULES, build_plan
 from dsv3_lightning.plugins.dualpipe.simulator import ChunkCosts, ScheduleDeadlock, simulate
-from torch.distributed.pipelining.schedules import OVERLAP_F_B, _Action
+from dsv3_lightning.plugins.dualpipe.torch_pipelining import OVERLAP_F_B, Action
 
 # The paper's formulas count a backward's input part as one forward (B - W = F); F&B may be anything
 # from max(F, B) (perfect overlap) to F + B (none).
@@ -27,7 +27,7 @@ def formula(schedule: str, pp: int, c: ChunkCosts) -> float:
     }[schedule]
 
 
-def flat(actions: list[_Action]) -> list[_Action]:
+def flat(actions: list[Action]) -> list[Action]:
     return [p for a in actions for p in (a.sub_actions if a.computation_type == OVERLAP_F_B else (a,))]
 
 
@@ -96,7 +96,7 @@ def test_dualpipe_matches_torch_dualpipev_bubble_and_is_bidirectional():
         plan.layout.stages_of(0) == [0, 7] and plan.layout.piece(7) == 3
     )  # rank 0 also runs piece 3 backwards
     first = {plan.actions[r][0] for r in (0, 3)}
-    assert first == {_Action(0, "F", 0), _Action(4, "F", 10)}  # micro-batches enter at both ends
+    assert first == {Action(0, "F", 0), Action(4, "F", 10)}  # micro-batches enter at both ends
     for c in PAPER_COSTS:
         assert simulate(plan, c).bubble == simulate(build_plan("dualpipev", 2, 20), c).bubble  # PP = 4 stages
 
