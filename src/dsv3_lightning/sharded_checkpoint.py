@@ -16,7 +16,8 @@ that this rank holds: an MoE layer's rows of stacked experts ``[E, ...]`` (``Chu
 range of a flattened ``[numel]`` tensor (ZeRO-1 optimizer state, ``Chunk.flattened``). Two ranks that
 pass the same block (expert rows replicated over data parallelism) write it once. Chunks reach DCP
 through its protocol for tensor-like objects (``__create_write_items__``, ``__create_chunk_list__``)
-plus a two-line planner override that resolves a chunk's key to its local tensor; DCP's own
+plus small planner overrides (a chunk's key resolves to its local tensor; DCP's meta-tensor set-up
+would replace a chunk by None; chunks must cover each tensor, checked with its name); DCP's own
 resharding then fills a loading rank's chunk, at any offsets, from whichever saved chunks overlap it.
 No collective initialisation (ShardedTensor), no DTensor (it cannot place arbitrary offsets).
 
