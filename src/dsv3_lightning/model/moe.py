@@ -48,11 +48,18 @@ def _contiguous_grad(grad: torch.Tensor) -> torch.Tensor:
 
 
 class GroupedExperts(nn.Module):
-    """All routed experts of one layer as stacked weights, applied to tokens already sorted by expert."""
+    """All routed experts of one layer as stacked weights, applied to tokens already sorted by expert.
+
+    ``expert_offset`` is the global id of row 0. It is 0 unless a strategy keeps only a shard (rows
+    offset .. offset + num_experts of the layer's experts), and then it must set it, as initialisation
+    seeds each row by its global id (init.py): a shard materialised from the meta device then holds
+    exactly those rows of the full model.
+    """
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
         self.num_experts = num_experts
+        self.expert_offset: int = 0
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
 

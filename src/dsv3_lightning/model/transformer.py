@@ -24,7 +24,8 @@ from torch.utils.checkpoint import checkpoint
 
 from dsv3_lightning.config import ModelConfig
 from dsv3_lightning.model.attention import MultiHeadLatentAttention
-from dsv3_lightning.model.moe import MLP, GroupedExperts, MoE
+from dsv3_lightning.model.init import draw_seed, init_weights_
+from dsv3_lightning.model.moe import MLP, MoE
 from dsv3_lightning.model.norm import RMSNorm
 from dsv3_lightning.model.rope import RotaryEmbedding
 from dsv3_lightning.model.router import Router
@@ -42,6 +43,12 @@ class DecoderLayer(nn.Module):
         self.compile_options: dict | None = None
         """``torch.compile`` options when the blocks run compiled (``compile_blocks``), else None."""
         self._compiled = None
+
+    @property
+    def checkpoint_prefix(self) -> str:
+        """The checkpoint key prefix of this layer's tensors, which names them for initialisation
+        (init.py): layer N + k for a multi-token-prediction module, as in the release."""
+        return f"model.layers.{self.layer_idx}."
 
     def set_recomputation(self, enabled: bool) -> None:
         """V3's memory trick (SPEC.md §3.2): recompute the attention input's RMSNorm with the MLA
@@ -111,11 +118,22 @@ class CausalLMOutput:
 
 
 class DeepSeekV3(nn.Module):
-    """DeepSeek-V3 causal language model; ``DeepSeekV3(config)(input_ids).logits`` is [B, S, vocab]."""
+    """DeepSeek-V3 causal language model; ``DeepSeekV3(config)(input_ids).logits`` is [B, S, vocab].
+
+    Built on the meta device (``with torch.device("meta")``) it holds no values: ``materialize_``
+    (materialize.py) allocates and initialises what a rank keeps, with the values a model built
+    normally with the same ``init_seed`` has.
+    """
+
+    checkpoint_prefix = ""
+    """Tensors below are named by their checkpoint keys (init.py), wherever the model is nested."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
+        self.init_seed = draw_seed()
+        """Seeds every tensor's initial values by name (init.py): drawn from torch's global generator
+        before anything else (the layers' constructors draw from it too, but not on the meta device)."""
         self.model = DeepSeekV3Model(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.reset_parameters()
@@ -124,25 +142,14 @@ class DeepSeekV3(nn.Module):
     def reset_parameters(self) -> None:
         self.init_weights(self)
 
-    @torch.no_grad()
     def init_weights(self, root: nn.Module) -> None:
-        """Normal(0, initializer_range) for every matrix, ones for norms, a zero selection bias.
+        """Normal(0, initializer_range) for every matrix, ones for norms, a zero selection bias, each
+        tensor from a generator seeded by ``init_seed`` and its name (init.py); meta tensors are left.
 
         ``root`` may be a module built outside the model (a prediction head's layers) that should
         start like the model's own.
         """
-        std = self.config.initializer_range
-        for module in root.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, std=std)
-            elif isinstance(module, GroupedExperts):
-                nn.init.normal_(module.gate_up_proj, std=std)
-                nn.init.normal_(module.down_proj, std=std)
-            elif isinstance(module, Router):
-                nn.init.normal_(module.weight, std=std)
-                module.e_score_correction_bias.zero_()
-            elif isinstance(module, RMSNorm):
-                nn.init.ones_(module.weight)
+        init_weights_(root, self.init_seed, std=self.config.initializer_range)
 
     def reset_buffers(self) -> None:
         """Rebuilds the derived, non-persistent buffers (RoPE frequencies, router counts).
