@@ -22,9 +22,13 @@ A NaN or infinite loss or gradient stops the run before the optimizer applies it
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from contextvars import ContextVar
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -37,11 +41,27 @@ from dsv3_lightning.config import ModelConfig
 from dsv3_lightning.guard import NonFiniteGuard, check_state
 from dsv3_lightning.heads import PredictionHead, build_head, head_spec
 from dsv3_lightning.model import DeepSeekV3
+from dsv3_lightning.model.materialize import HFCheckpointSource, has_meta_tensors, materialize_
 from dsv3_lightning.model.transformer import DecoderLayer
 
 log = logging.getLogger(__name__)
 
 LossTerm = Callable[["DSV3LightningModule"], torch.Tensor]
+
+_BUILD_ON_META: ContextVar[bool] = ContextVar("dsv3_build_on_meta", default=False)
+
+
+@contextmanager
+def building_on_meta() -> Iterator[None]:
+    """Within it, a ``DSV3LightningModule`` builds its model and heads on the meta device (as it does
+    under ``torch.device("meta")``), to be cut by a strategy and materialised by ``configure_model``.
+    The CLI builds the module so when ``trainer.strategy`` says ``builds_shards_first``; only the
+    module's own tensors go to meta, not those of the data module, the callbacks or the strategy."""
+    token = _BUILD_ON_META.set(True)
+    try:
+        yield
+    finally:
+        _BUILD_ON_META.reset(token)
 
 
 class DSV3LightningModule(L.LightningModule):
@@ -99,23 +119,28 @@ class DSV3LightningModule(L.LightningModule):
         self.nonfinite = dataclasses.replace(nonfinite)  # a fresh guard: its counters are this run's
         self.hparams["nonfinite"] = self.nonfinite.options()
         self.config = config
-        self.model = DeepSeekV3.from_pretrained(init_from) if init_from else DeepSeekV3(config)
-        if init_from and self.model.config != config:
-            raise ValueError(
-                f"model.init_from ({init_from}) holds a model of another shape than model.config; "
-                "copy its config.json values into model.config"
-            )
-        self.heads = nn.ModuleList(heads)
-        for head in self.heads:
-            head.attach(self.model)
+        on_meta = _BUILD_ON_META.get() or torch.get_default_device().type == "meta"
+        with torch.device("meta") if on_meta else nullcontext():
+            if init_from and on_meta:  # the kept tensors are read when materialised
+                if _hf_config(init_from) != config:
+                    raise ValueError(_SHAPE_MISMATCH.format(init_from=init_from))
+                self.model = DeepSeekV3(config)
+            else:
+                self.model = DeepSeekV3.from_pretrained(init_from) if init_from else DeepSeekV3(config)
+            if init_from and self.model.config != config:
+                raise ValueError(_SHAPE_MISMATCH.format(init_from=init_from))
+            self.heads = nn.ModuleList(heads)
+            for head in self.heads:
+                head.attach(self.model)
         for layer in self.modules():  # the model's blocks and the heads' (MTP modules are blocks)
             if isinstance(layer, DecoderLayer):
                 layer.set_recomputation(recompute_activations)
                 if compile_blocks:
                     layer.compile_blocks()
         self._loss_terms: dict[str, LossTerm] = {}
-        self.val_loss = torchmetrics.MeanMetric()
-        self.val_accuracy = torchmetrics.MeanMetric()
+        with torch.device("cpu"):  # never on meta: a metric's defaults are no module tensors to materialise
+            self.val_loss = torchmetrics.MeanMetric()
+            self.val_accuracy = torchmetrics.MeanMetric()
         total, activated = self.model.num_parameters()
         self.flops_per_token = 6 * (activated - self.model.model.embed_tokens.weight.numel())
         """Training FLOPs per token, 6·N (activated, without the embedding lookup); attention excluded."""
@@ -233,6 +258,55 @@ class DSV3LightningModule(L.LightningModule):
         inputs, _ = self._split(tokens)
         return self.model(inputs).logits.argmax(-1)
 
+    # ------------------------------------------------------------------ shard-first construction
+    def configure_model(self) -> None:
+        """Lightning's hook, inside the strategy's contexts and before ``strategy.setup``: materialises
+        what is still on the meta device (after a shards-first strategy has cut it) on the strategy's
+        device. Does nothing when nothing is on meta: a module built normally, or a second call."""
+        if has_meta_tensors(self):
+            trainer = self._trainer
+            self.materialize(trainer.strategy.root_device if trainer else torch.get_default_device())
+
+    def materialize(self, device: torch.device | str) -> None:
+        """Allocates the model's and the heads' meta tensors on ``device`` and fills them: from
+        ``init_from`` where given (only the kept tensors and expert rows are read), else with the values
+        a module built normally from the same seed has (``model.init_seed``; model/materialize.py).
+
+        The model and each head are materialised as their own roots, so a head's tensors outside
+        decoder blocks are named relative to the head, as when it initialises them in ``attach``.
+        New Parameter objects replace the meta ones: take references to parameters after this.
+        """
+        source = HFCheckpointSource(self.hparams.init_from) if self.hparams.init_from else None
+        seed, std = self.model.init_seed, self.config.initializer_range
+        done = materialize_(self.model, device, seed, std=std, source=source)
+        lacking = self._not_loadable(done.initialised)
+        if source is not None and lacking:
+            raise ValueError(
+                f"model.init_from ({self.hparams.init_from}) lacks {len(lacking)} tensor(s) of the "
+                f"model, e.g. {lacking[:3]}; is it a checkpoint of this model.config?"
+            )
+        for head in self.heads:
+            part = materialize_(head, device, seed, std=std, source=source)
+            if part.loaded and self._not_loadable(part.initialised):
+                raise ValueError(
+                    f"model.init_from ({self.hparams.init_from}) holds only part of the "
+                    f"{type(head).__name__} head's tensors (none for e.g. {part.initialised[:3]}); train the "
+                    "head from scratch by loading a checkpoint without them, or complete it"
+                )
+        left = [n for n, t in (*self.named_parameters(), *self.named_buffers()) if t.is_meta]
+        if left:
+            raise NotImplementedError(
+                f"{len(left)} tensor(s) of the module stay on the meta device, e.g. {left[:3]}: only the "
+                "model and the heads are materialised"
+            )
+        rank_zero_info(f"materialised the model on {device} ({done})")
+
+    def _not_loadable(self, initialised: list[str]) -> list[str]:
+        """The tensors a checkpoint should have held: all but the selection bias of a DeepSeek-V2
+        (softmax) checkpoint, which has none (it starts at zero, as hf.py loads it)."""
+        softmax = self.config.scoring_func == "softmax"
+        return [n for n in initialised if not (softmax and n.endswith("e_score_correction_bias"))]
+
     # ------------------------------------------------------------------ hooks
     def on_fit_start(self) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -290,6 +364,21 @@ class DSV3LightningModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
+_SHAPE_MISMATCH = (
+    "model.init_from ({init_from}) holds a model of another shape than model.config; "
+    "copy its config.json values into model.config"
+)
+
+
+def _hf_config(path: str) -> ModelConfig:
+    from dsv3_lightning.hf import CONFIG_NAME, config_from_hf
+
+    config_path = Path(path) / CONFIG_NAME
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path}: missing; a Hugging Face model directory needs a config.json")
+    return config_from_hf(json.loads(config_path.read_text()), source=str(config_path))
+
+
 def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float) -> Callable[[int], float]:
     """Learning-rate multiplier: linear from 0 over ``warmup_steps``, then cosine to ``min_ratio``."""
 
@@ -302,4 +391,4 @@ def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float) -> Call
     return multiplier
 
 
-__all__ = ["DSV3LightningModule", "warmup_cosine"]
+__all__ = ["DSV3LightningModule", "building_on_meta", "warmup_cosine"]
