@@ -24,6 +24,11 @@ What the console shows, and how (each piece has its own module with the design):
   callbacks of those kinds in ``trainer.callbacks`` work as in Lightning.
 - ``--print_config`` prints every option's documentation as YAML comments (``--print_config=FLAGS``
   prints exactly what the flags ask).
+
+Shard-first construction: when the class of ``trainer.strategy`` sets ``builds_shards_first = True``,
+the module is built on the meta device (``module.building_on_meta``): the strategy cuts it and
+``configure_model`` materialises only what the rank keeps. Every other strategy gets the module
+built as always.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import importlib
 import logging
 import sys
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +52,7 @@ from typing_extensions import override
 from dsv3_lightning import checkpoint_overrides
 from dsv3_lightning.cli_errors import ConstructorErrors, debug_requested, short_parse_error
 from dsv3_lightning.data import DSV3DataModule
-from dsv3_lightning.module import DSV3LightningModule
+from dsv3_lightning.module import DSV3LightningModule, building_on_meta
 from dsv3_lightning.progress import LogProgress
 from dsv3_lightning.summary import TrainingFlopsSummary
 
@@ -151,8 +157,11 @@ class DSV3CLI(LightningCLI):
         constructors = ConstructorErrors()
         # Registered after Lightning's own instantiators (model, data), which keep precedence.
         self.parser.add_instantiator(constructors, object, subclasses=True)
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        strategy = config.get("trainer", {}).get("strategy") if "trainer" in config else None
         try:
-            super().instantiate_classes()
+            with building_on_meta() if builds_shards_first(strategy) else nullcontext():
+                super().instantiate_classes()
         except Exception as report:
             own = constructors.explaining(report)
             if own is None or own is report:
@@ -172,6 +181,27 @@ class DSV3CLI(LightningCLI):
                 # a summary is among the callbacks); ours is there.
                 kwargs["enable_model_summary"] = False
         return super().instantiate_trainer(**kwargs)
+
+
+def builds_shards_first(strategy: Any) -> bool:
+    """Whether ``trainer.strategy`` (a name, a ``class_path`` namespace or an instance) is of a class
+    that sets ``builds_shards_first``: it cuts a model built on the meta device before it has values."""
+    if isinstance(strategy, Namespace):
+        strategy = strategy.get("class_path")
+    if isinstance(strategy, str):
+        from lightning.pytorch.strategies import StrategyRegistry
+
+        if strategy in StrategyRegistry:
+            cls = StrategyRegistry[strategy]["strategy"]
+        else:
+            module_name, _, name = strategy.rpartition(".")
+            try:
+                cls = getattr(importlib.import_module(module_name), name) if module_name else None
+            except (ImportError, AttributeError):
+                cls = None  # not a class path: Lightning's own check reports it
+    else:
+        cls = type(strategy)
+    return bool(getattr(cls, "builds_shards_first", False))
 
 
 def console_callbacks(trainer_config: Namespace, interactive: bool) -> list[Callback]:
