@@ -144,7 +144,8 @@ def test_init_from_on_meta_reads_the_kept_tensors_only(tmp_path):
     full, sharded = normal.state_dict(), meta.state_dict()
     assert_state_equal(trained.state_dict(), full)
     for key, tensor in sharded.items():
-        expected = full[key][2:4] if key.endswith(("experts.gate_up_proj", "experts.down_proj")) else full[key]
+        stacked = key.endswith(("experts.gate_up_proj", "experts.down_proj"))
+        expected = full[key][2:4] if stacked else full[key]
         assert torch.equal(tensor, expected), key
 
 
