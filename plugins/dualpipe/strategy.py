@@ -56,7 +56,6 @@ from dsv3_lightning.plugins.dualpipe.evaluation import pipeline_evaluate
 from dsv3_lightning.plugins.dualpipe.overlap import InterleavedOverlap
 from dsv3_lightning.plugins.dualpipe.plans import Schedule, SchedulePlan, build_plan, spec, validate
 from dsv3_lightning.plugins.dualpipe.runner import PipelineRunner
-from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
@@ -86,8 +85,9 @@ class DualPipeStrategy(ParallelStrategy):
             InterleavedOverlap), instead of one chunk after the other; dualpipev's lists then run on
             our runtime (torch's runs a pair's parts in sequence). Same results either way; no effect
             on 1f1b and zb, on NCCL, or without experts to exchange.
-        max_nodes_per_token, ranks_per_node, fp8_dispatch, timeout, start_method: as
-            ``ParallelStrategy`` (node-limited routing, FP8 dispatch, the collectives' timeout, launch).
+        max_nodes_per_token, ranks_per_node, fp8_dispatch, zero1, checkpoint_format, timeout,
+            start_method: as ``ParallelStrategy`` (node-limited routing, FP8 dispatch, ZeRO-1, the
+            checkpoint format, the collectives' timeout, launch).
     """
 
     strategy_name = "dualpipe"
@@ -129,8 +129,12 @@ class DualPipeStrategy(ParallelStrategy):
                 f"trainer.callbacks with {type(self).__name__}"
             )
         super().setup(trainer)
+
+    @override
+    def setup_pipeline(self, trainer: pl.Trainer) -> None:
         self.runner = PipelineRunner(
-            module, self.build_plan(), self.mesh.pipeline_group, self.root_device, overlap=self._overlap_hook()
+            self.lightning_module, self.build_plan(), self.mesh.pipeline_group, self.root_device,
+            overlap=self._overlap_hook(),
         )
 
     def _overlap_hook(self) -> InterleavedOverlap | None:
@@ -170,7 +174,6 @@ class DualPipeStrategy(ParallelStrategy):
         )  # Lightning zeroes only after training_step; the schedule adds to .grad
         with self.precision_plugin.train_step_context():
             loss, logs = runner.train_step(tokens)
-        self.grad_sync.reduce()
         logs = self.mesh.mean_over_replicas({"loss": loss, **logs}, self.root_device)
         loss = logs.pop("loss")
         # Lightning zeroes gradients between training_step and backward: keep them aside until backward
@@ -191,10 +194,9 @@ class DualPipeStrategy(ParallelStrategy):
         for p, grad in self._grads.items():
             p.grad = grad if p.grad is None else p.grad + grad
         self._grads = {}
-        trainer = module.trainer
-        if trainer.gradient_clip_val and (trainer.gradient_clip_algorithm or "norm") == "norm":
-            self.grad_sync.clip(float(trainer.gradient_clip_val))
-        return self.precision_plugin.post_backward(closure_loss, module)
+        closure_loss = self.precision_plugin.post_backward(closure_loss, module)  # on_after_backward: the guard
+        self.sync_gradients()  # after Lightning's zero_grad, which would drop ZeRO-1's master gradients
+        return closure_loss
 
     @override
     def parameter_owners(self) -> dict[str, set[int]]:
@@ -231,15 +233,15 @@ class DualPipeStrategy(ParallelStrategy):
         return self.runner.full_state_dict()  # every position's tensors; experts: this rank's shard
 
     @override
-    def optimizer_state(self, optimizer) -> dict[str, Any]:
+    def full_optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         """The optimizer's state dict with each parameter's state taken from the rank that trains it (the
-        expert shards' state gathered over the expert group first)."""
-        state = super().optimizer_state(optimizer)  # the expert shards' state gathered over "ep"
+        expert shards' state gathered over the expert group first): checkpoint_format "full" only."""
+        state = super().full_optimizer_state(optimizer)  # the expert shards' state gathered over "ep"
         if self.runner is None or not state:
             return state
         runner = self.runner
         module = self.lightning_module
-        opt = optimizer._optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
+        opt = optimizer
         names = {id(p): n for n, p in module.named_parameters()}
         params = [p for group in opt.param_groups for p in group["params"]]
         mine = {

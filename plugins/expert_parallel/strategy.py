@@ -50,8 +50,9 @@ class ExpertParallelStrategy(ParallelStrategy):
         expert_parallel_size: Ranks that share one copy of the experts; ``trainer.devices ×
             trainer.num_nodes`` must be a multiple (the rest is data parallelism), and
             ``model.config.n_routed_experts`` too.
-        max_nodes_per_token, ranks_per_node, fp8_dispatch, timeout, start_method: as
-            ``ParallelStrategy`` (node-limited routing, FP8 dispatch, the collectives' timeout, launch).
+        max_nodes_per_token, ranks_per_node, fp8_dispatch, zero1, checkpoint_format, timeout,
+            start_method: as ``ParallelStrategy`` (node-limited routing, FP8 dispatch, ZeRO-1, the
+            checkpoint format, the collectives' timeout, launch).
     """
 
     strategy_name = "expert_parallel"
@@ -63,6 +64,8 @@ class ExpertParallelStrategy(ParallelStrategy):
         max_nodes_per_token: int | None = None,
         ranks_per_node: int | None = None,
         fp8_dispatch: bool = False,
+        zero1: bool = False,
+        checkpoint_format: Literal["sharded", "full"] = "sharded",
         timeout: float = 1800.0,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
         **kwargs: Any,
@@ -72,6 +75,8 @@ class ExpertParallelStrategy(ParallelStrategy):
             max_nodes_per_token=max_nodes_per_token,
             ranks_per_node=ranks_per_node,
             fp8_dispatch=fp8_dispatch,
+            zero1=zero1,
+            checkpoint_format=checkpoint_format,
             timeout=timeout,
             start_method=start_method,
             **kwargs,

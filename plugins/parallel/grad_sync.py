@@ -35,9 +35,11 @@ from collections.abc import Iterable, Mapping
 import torch
 import torch.distributed as dist
 from dsv3_lightning.plugins.expert_parallel.all_to_all import Comm, collective
+from dsv3_lightning.plugins.expert_parallel.sharding import ExpertShard
 from torch import nn
 
 from dsv3_lightning.plugins.parallel.mesh import ParallelMesh
+from dsv3_lightning.plugins.parallel.zero import ShardGroup, Zero1
 
 BUCKET_BYTES = 64 * 2**20
 """Float32 bytes per reduction bucket: large enough that a bucket's latency is amortised over tens of
@@ -85,45 +87,99 @@ def reduce_mean(
 
 
 class GradientSync:
-    """The gradient reduction and global-norm clipping of one rank's parameters.
+    """The gradient reduction and global-norm clipping of one rank's parameters, plain or ZeRO-1.
 
     Args:
         module: The LightningModule (parameter names are its own).
         mesh: The run's mesh.
-        expert_params: This rank's expert shards (reduced over "dp"); every other parameter used here
-            is replicated over the block.
+        shards: This rank's expert shards (reduced over "dp"); every other parameter used here is
+            replicated over the block.
         owners: Parameter name -> the pipeline positions whose pieces use it; None: every parameter is
             used by this rank's position (no pipeline, or P = 1).
         device: The strategy's root device (where the norm and flags are reduced: NCCL needs it).
+
+    ``shard_optimizers`` switches to ZeRO-1 (zero.py): the same reduction as a bucketed reduce-scatter
+    into each rank's float32 master shard (replicated parameters sharded over the block, expert shards
+    over "dp", both divided by E·D), clipping on the shards, and ``after_step`` all-gathers the updated
+    parameters.
     """
 
     def __init__(
         self,
         module: nn.Module,
         mesh: ParallelMesh,
-        expert_params: Iterable[nn.Parameter],
+        shards: Iterable[ExpertShard] = (),
         owners: Mapping[str, set[int]] | None = None,
         device: torch.device | None = None,
         bucket_bytes: int = BUCKET_BYTES,
     ) -> None:
         self.mesh, self.bucket_bytes = mesh, bucket_bytes
-        experts = {id(p) for p in expert_params}
+        self.shards = list(shards)
+        experts = {id(p) for shard in self.shards for p in shard.params()}
         position = mesh.pipeline_rank
-        self.replicated: list[nn.Parameter] = []
-        self.experts: list[nn.Parameter] = []
-        self.counted: set[int] = set()
-        """ids of the parameters whose norm this position counts (each parameter once over the pipeline)."""
+        self.named_replicated: list[tuple[str, nn.Parameter]] = []
+        self.named_experts: list[tuple[str, nn.Parameter]] = []
+        self.counted: set[str] = set()
+        """Names of the parameters whose norm this position counts (each parameter once over the pipeline)."""
         for name, p in module.named_parameters():
             used_by = owners.get(name, set()) if owners is not None else {position}
             if position not in used_by:
                 continue
-            (self.experts if id(p) in experts else self.replicated).append(p)
+            (self.named_experts if id(p) in experts else self.named_replicated).append((name, p))
             if min(used_by) == position:
-                self.counted.add(id(p))
+                self.counted.add(name)
         self.device = device or next(module.parameters()).device
+        self.zeros: list[Zero1] = []
 
+    @property
+    def replicated(self) -> list[nn.Parameter]:
+        return [p for _, p in self.named_replicated]
+
+    @property
+    def experts(self) -> list[nn.Parameter]:
+        return [p for _, p in self.named_experts]
+
+    # ------------------------------------------------------------------ ZeRO-1
+    def shard_optimizers(self, optimizers: Iterable[torch.optim.Optimizer]) -> list[Zero1]:
+        """Re-points each optimizer at this rank's ZeRO-1 master shards of the parameters used here
+        (those of pieces other positions run leave the optimizer: they never have a gradient here)."""
+        mesh = self.mesh
+        local = {id(p) for _, p in [*self.named_replicated, *self.named_experts]}
+        global_ranges = {}
+        for shard in self.shards:
+            for key, p in zip(shard.state_keys(), shard.params()):
+                row = p[0].numel() if p.shape[0] else 0
+                global_ranges[key] = (shard.offset * row, shard.num_experts * row)
+        for optimizer in optimizers:
+            mine: set[int] = set()
+            for group in optimizer.param_groups:
+                group["params"] = [p for p in group["params"] if id(p) in local]
+                mine |= {id(p) for p in group["params"]}
+            groups = [
+                ShardGroup(label="replicated", params=[(n, p) for n, p in self.named_replicated if id(p) in mine],
+                           group=mesh.block_group, divisor=mesh.num_replicas),
+                ShardGroup(label="experts", params=[(n, p) for n, p in self.named_experts if id(p) in mine],
+                           group=mesh.data_group, divisor=mesh.num_replicas),
+            ]
+            groups = [g for g in groups if g.params]
+            names = {n for g in groups for n, _ in g.params}
+            ranges = {n: r for n, r in global_ranges.items() if n in names}
+            self.zeros.append(Zero1(optimizer, groups, bucket_bytes=self.bucket_bytes, global_ranges=ranges))
+        return self.zeros
+
+    def after_step(self) -> None:
+        """After ``optimizer.step()``: the updated master shards back into the parameters (ZeRO-1)."""
+        for zero in self.zeros:
+            zero.all_gather_parameters()
+
+    # ------------------------------------------------------------------ the step
     def reduce(self) -> None:
-        """Makes this rank's gradients those of the global batch's loss (collective over the block)."""
+        """Makes this rank's gradients those of the global batch's loss (collective over the block);
+        under ZeRO-1 they land in the master shards and the parameters' ``.grad`` are freed."""
+        if self.zeros:
+            for zero in self.zeros:
+                zero.reduce_scatter_gradients()
+            return
         mesh = self.mesh
         if mesh.num_replicas == 1:
             return
@@ -135,19 +191,26 @@ class GradientSync:
     def squared_norm(self) -> torch.Tensor:
         """||g||² of the whole model (float64, shape [1], on the root device; the same on every rank)."""
         mesh = self.mesh
+        if self.zeros:  # every element is owned by one rank of the world (counted: once over the pipeline)
+            total = sum(zero.local_squared_norm(self.counted.__contains__) for zero in self.zeros).reshape(1)
+            total = total.to(self.device)
+            if dist.get_world_size() > 1:
+                comm = mesh.comm(None, "the model")
+                collective(comm, "gradient-norm all-reduce", lambda: dist.all_reduce(total))
+            return total
 
-        def sq(params: list[nn.Parameter]) -> torch.Tensor:
+        def sq(named: list[tuple[str, nn.Parameter]]) -> torch.Tensor:
             total = torch.zeros(1, dtype=torch.float64, device=self.device)
-            for p in params:
-                if p.grad is not None and id(p) in self.counted:
+            for name, p in named:
+                if p.grad is not None and name in self.counted:
                     total += p.grad.to(self.device).pow(2).sum(dtype=torch.float64)
             return total
 
-        experts = sq(self.experts)
+        experts = sq(self.named_experts)
         if mesh.expert_parallel_size > 1:
             comm = mesh.comm(mesh.expert_group, "the expert shards")
             collective(comm, "gradient-norm all-reduce", lambda: dist.all_reduce(experts, group=comm.group))
-        total = sq(self.replicated) + experts
+        total = sq(self.named_replicated) + experts
         if mesh.pipeline_parallel_size > 1:
             comm = mesh.comm(mesh.pipeline_group, "the pipeline")
             collective(comm, "gradient-norm all-reduce", lambda: dist.all_reduce(total, group=comm.group))
@@ -160,6 +223,8 @@ class GradientSync:
         norm = math.sqrt(float(self.squared_norm()))
         scale = max_norm / (norm + 1e-6)
         if scale < 1:
+            for zero in self.zeros:
+                zero.scale_gradients(scale)
             for p in [*self.replicated, *self.experts]:
                 if p.grad is not None:
                     p.grad.mul_(scale)

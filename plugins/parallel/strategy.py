@@ -44,11 +44,24 @@ from dsv3_lightning.plugins.expert_parallel.sharding import (
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.overrides.distributed import _sync_module_states
 from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
+from dsv3_lightning.sharded_checkpoint import looks_sharded, save
+from dsv3_lightning.sharded_checkpoint_io import OPTIMIZER_STATES, ShardedCheckpointIO, lightning_entries
+
+from dsv3_lightning.plugins.parallel.checkpoint import (
+    LOADED,
+    RankShare,
+    apply_optimizer_state,
+    load_sharded,
+    zero_state_from_full,
+)
+
 from dsv3_lightning.plugins.parallel.grad_sync import GradientSync
 from dsv3_lightning.plugins.parallel.mesh import KEY, ParallelMesh, mesh_shape
+from dsv3_lightning.plugins.parallel.zero import Zero1
 
 
 class ParallelStrategy(DDPStrategy):
@@ -65,6 +78,14 @@ class ParallelStrategy(DDPStrategy):
         ranks_per_node: Expert ranks per node for node-limited routing; default ``trainer.devices``.
         fp8_dispatch: Send the dispatched activations as 1x128-tile FP8 (E4M3) with float32 scales,
             as DeepSeek-V3 does; combine and all gradients stay in the activations' dtype.
+        zero1: Shard the optimizer state and float32 master weights over data parallelism, as
+            DeepSeek-V3 (ZeRO-1, zero.py): replicated parameters' over the E·D ranks of their pipeline
+            position, expert shards' over the D ranks of their data group; gradients reduce-scattered
+            in buckets, parameters all-gathered after the step.
+        checkpoint_format: "sharded" (each rank writes its own shard with torch.distributed.checkpoint
+            into a checkpoint directory; any mesh, or one process, resumes from it: checkpoint.py) or
+            "full" (the whole model and optimizer state gathered into one ordinary file by rank 0; not
+            with zero1).
         timeout: Seconds a collective may wait before the run fails with a clear error.
         start_method: "popen" (re-run the command, as ``dsv3 fit``), "spawn" or "fork" (in-process
             launch: notebooks and tests).
@@ -78,26 +99,39 @@ class ParallelStrategy(DDPStrategy):
         max_nodes_per_token: int | None = None,
         ranks_per_node: int | None = None,
         fp8_dispatch: bool = False,
+        zero1: bool = False,
+        checkpoint_format: Literal["sharded", "full"] = "sharded",
         timeout: float = 1800.0,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
         **kwargs: Any,
     ) -> None:
+        if checkpoint_format not in ("sharded", "full"):
+            raise ValueError(f"{KEY}.checkpoint_format ({checkpoint_format!r}) must be 'sharded' or 'full'")
+        if zero1 and checkpoint_format == "full":
+            raise ValueError(
+                f"{KEY}.checkpoint_format 'full' gathers every optimizer state onto one rank, which "
+                f"{KEY}.zero1 exists to avoid: use checkpoint_format 'sharded' (the default) with zero1"
+            )
         if expert_parallel_size < 1:
             raise ValueError(f"{KEY}.expert_parallel_size ({expert_parallel_size}) must be >= 1")
         if timeout <= 0:
             raise ValueError(f"{KEY}.timeout ({timeout}) must be a positive number of seconds")
         if max_nodes_per_token is not None and max_nodes_per_token < 1:
             raise ValueError(f"{KEY}.max_nodes_per_token ({max_nodes_per_token}) must be >= 1 (or null: off)")
+        kwargs.setdefault("checkpoint_io", ShardedCheckpointIO())  # reads both formats, removes directories
         super().__init__(start_method=start_method, timeout=timedelta(seconds=timeout), **kwargs)
         self.pipeline_parallel_size = pipeline_parallel_size
         self.expert_parallel_size = expert_parallel_size
         self.max_nodes_per_token = max_nodes_per_token
         self.ranks_per_node = ranks_per_node
         self.fp8_dispatch = fp8_dispatch
+        self.zero1 = zero1
+        self.checkpoint_format = checkpoint_format
         self.timeout_s = float(timeout)
         self._mesh: ParallelMesh | None = None
         self._shards: list[ExpertShard] = []
         self._grad_sync: GradientSync | None = None
+        self._share: RankShare | None = None
         self._failed = False
 
     # ------------------------------------------------------------------ checks before launch
@@ -178,6 +212,19 @@ class ParallelStrategy(DDPStrategy):
             )
         super().setup(trainer)
         self._setup_parallel()  # validate / test / predict: no configure_ddp
+        self.setup_pipeline(trainer)
+        if self.zero1 and trainer.state.fn == TrainerFn.FITTING:
+            for i, optimizer in enumerate(self.optimizers):
+                self.share.remember(i, optimizer)  # the names a checkpoint maps state by, before re-pointing
+            self.grad_sync.shard_optimizers(self.optimizers)
+
+    def setup_pipeline(self, trainer: pl.Trainer) -> None:
+        """After the mesh and the shards, before ZeRO-1 shards the optimizers: a pipeline's runner."""
+
+    @property
+    @override
+    def restore_checkpoint_after_setup(self) -> bool:
+        return True  # a sharded checkpoint loads into the shards (and ZeRO-1's ranges) setup made
 
     # ------------------------------------------------------------------ gradients
     def parameter_owners(self) -> dict[str, set[int]] | None:
@@ -188,11 +235,16 @@ class ParallelStrategy(DDPStrategy):
     @property
     def grad_sync(self) -> GradientSync:
         if self._grad_sync is None:
-            experts = [p for shard in self._shards for p in shard.params()]
             self._grad_sync = GradientSync(
-                self.lightning_module, self.mesh, experts, self.parameter_owners(), self.root_device
+                self.lightning_module, self.mesh, self._shards, self.parameter_owners(), self.root_device
             )
         return self._grad_sync
+
+    @override
+    def optimizer_step(self, optimizer, closure, model=None, **kwargs: Any) -> Any:
+        result = super().optimizer_step(optimizer, closure, model, **kwargs)
+        self.grad_sync.after_step()  # ZeRO-1: the updated shards back into the parameters
+        return result
 
     def sync_gradients(self) -> float | None:
         """Makes every rank's gradients those of the global batch's loss, then clips them by the whole
@@ -204,34 +256,88 @@ class ParallelStrategy(DDPStrategy):
         return None
 
     # ------------------------------------------------------------------ checkpoints
+    @property
+    def share(self) -> RankShare:
+        """What this rank holds of the module and optimizers, as sharded-checkpoint entries."""
+        if self._share is None:
+            owners = self.parameter_owners()
+            state = self.lightning_module.state_dict()
+            owned = None
+            if owners is not None:
+                position = self.mesh.pipeline_rank
+                owned = {n for n in state if n not in owners or position in owners[n]}
+            self._share = RankShare(self.lightning_module, self._shards, owned, self.grad_sync.counted)
+        return self._share
+
+    def _zeros(self) -> dict[int, Zero1]:
+        return dict(enumerate(self.grad_sync.zeros)) if self._grad_sync is not None else {}
+
     def full_module_state(self) -> dict[str, Any]:
         """Every tensor of the module's state dict as this rank holds it (experts: its shard)."""
         return super().lightning_module_state_dict()
 
     @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
+        if self.checkpoint_format == "sharded":
+            return self.share.model_entries()
         state = self.full_module_state()
         if not self._shards:
             return state
         return full_state_dict(state, self._shards, self._expert_comm("the checkpoint"))
 
     @override
-    def load_model_state_dict(self, checkpoint: dict[str, Any], strict: bool = True) -> None:
-        # Lightning loads before setup (the whole module); after it, the experts are sharded
-        if not self._shards:
-            return super().load_model_state_dict(checkpoint, strict)
-        self.lightning_module.load_state_dict(local_state_dict(checkpoint["state_dict"], self._shards), strict=strict)
+    def optimizer_state(self, optimizer) -> Any:
+        opt = optimizer._optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
+        if self.checkpoint_format == "sharded":
+            index = self.optimizers.index(opt)
+            return self.share.optimizer_entries(index, opt, self._zeros().get(index))
+        return self.full_optimizer_state(opt)
 
-    @override
-    def optimizer_state(self, optimizer) -> dict[str, Any]:
+    def full_optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """The whole optimizer state dict, as one process would have it (checkpoint_format "full")."""
         state = super().optimizer_state(optimizer)
         if not self._shards or not state:
             return state
-        opt = optimizer._optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
-        return full_optimizer_state(opt, state, self._shards, self._expert_comm("the checkpoint"))
+        return full_optimizer_state(optimizer, state, self._shards, self._expert_comm("the checkpoint"))
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Any | None = None) -> None:
+        if self.checkpoint_format == "full":
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        save(filepath, lightning_entries(checkpoint, checkpoint.get(OPTIMIZER_STATES, [])))
+
+    @override
+    def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
+        if not looks_sharded(checkpoint_path):  # an ordinary file: sliced on load below
+            # its hyper-parameters hold a ModelConfig, which torch's default weights-only loading refuses
+            return super().load_checkpoint(checkpoint_path, weights_only=bool(weights_only))
+        if weights_only:
+            raise ValueError(
+                f"{checkpoint_path}: a sharded checkpoint's objects hold the module's hyper-parameters "
+                "(ModelConfig), which torch's weights-only loading refuses; load it with weights_only False"
+            )
+        return load_sharded(checkpoint_path, self.share, self.optimizers, self._zeros())
+
+    @override
+    def load_model_state_dict(self, checkpoint: dict[str, Any], strict: bool = True) -> None:
+        if checkpoint.get(LOADED):
+            return  # load_sharded filled the module's tensors in place
+        # an ordinary checkpoint: after setup the experts are sharded, so slice them
+        self.lightning_module.load_state_dict(local_state_dict(checkpoint["state_dict"], self._shards), strict=strict)
 
     @override
     def load_optimizer_state_dict(self, checkpoint: dict[str, Any]) -> None:
+        zeros = self._zeros()
+        if checkpoint.get(LOADED):
+            for i, (opt, loaded) in enumerate(zip(self.optimizers, checkpoint[OPTIMIZER_STATES])):
+                apply_optimizer_state(i, opt, zeros.get(i), self.share, loaded)
+            return
+        if zeros:
+            for i, (opt, state) in enumerate(zip(self.optimizers, checkpoint[OPTIMIZER_STATES])):
+                for live, saved in zip(opt.param_groups, state["param_groups"]):
+                    live.update({k: v for k, v in saved.items() if k != "params"})
+                zero_state_from_full(zeros[i], state, self.share.param_names[i])
+            return
         if not self._shards:
             return super().load_optimizer_state_dict(checkpoint)
         super().load_optimizer_state_dict(sliced_optimizer_states(checkpoint, self.optimizers, self._shards))
@@ -250,7 +356,7 @@ class ParallelStrategy(DDPStrategy):
         """Gathers the expert shards back into every rank's module (after a normal end)."""
         if self._shards and not self._failed:
             unshard_experts(self._shards, self._expert_comm("teardown"))
-        self._shards, self._mesh, self._grad_sync = [], None, None
+        self._shards, self._mesh, self._grad_sync, self._share = [], None, None, None
         super().teardown()
 
 

@@ -287,9 +287,10 @@ def _check_devices(devices: int, pipeline: int, expert: int) -> None:
 
 
 def _min_microbatches(schedule: str, pipeline: int) -> int:
-    from dsv3_lightning.plugins.dualpipe.plans import spec
+    from dsv3_lightning.plugins.dualpipe.plans import SCHEDULES
 
-    return spec(schedule).min_microbatches_per_rank * max(pipeline, 1)
+    known = SCHEDULES.get(schedule)  # an unknown one is refused, naming the flag, by the validation after this
+    return (known.min_microbatches_per_rank if known else 1) * max(pipeline, 1)
 
 
 def _micro_batch(args, run: RunSettings, num_microbatches: int, pipelined: bool) -> tuple[int, str]:

@@ -131,8 +131,7 @@ def _position(module, plan, expert_parallel_size, shards, make_optimizer, clip):
         shards = mesh.shard_experts(module)
     runner = PipelineRunner(module, plan, mesh.pipeline_group, device=torch.device("meta")) if plan else None
     kept = runner.release_unowned() if runner else sum(p.numel() for p in module.parameters())
-    experts = [p for shard in shards for p in shard.params()]
-    sync = GradientSync(module, mesh, experts, runner.owners if runner else None, torch.device("meta"))
+    sync = GradientSync(module, mesh, shards, runner.owners if runner else None, torch.device("meta"))
     assert kept == sum(p.numel() for p in sync.replicated + sync.experts), "GradientSync sees what is kept"
     steps = {"sync_gradients": runner.sync_gradients} if runner else {}
     steps["reduce_gradients"] = sync.reduce

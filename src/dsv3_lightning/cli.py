@@ -46,6 +46,7 @@ from jsonargparse import Namespace, set_parsing_settings
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelSummary, ProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from typing_extensions import override
 
@@ -54,6 +55,8 @@ from dsv3_lightning.cli_errors import ConstructorErrors, debug_requested, short_
 from dsv3_lightning.data import DSV3DataModule
 from dsv3_lightning.module import DSV3LightningModule, building_on_meta
 from dsv3_lightning.progress import LogProgress
+from dsv3_lightning.sharded_checkpoint import is_sharded_checkpoint, read_objects
+from dsv3_lightning.sharded_checkpoint_io import ShardedCheckpointIO
 from dsv3_lightning.summary import TrainingFlopsSummary
 
 log = logging.getLogger(__name__)
@@ -132,10 +135,15 @@ class DSV3CLI(LightningCLI):
     def _check_checkpoint_overrides(self, config: Namespace) -> None:
         """Warns about, or refuses, the settings that --ckpt_path's hyperparameters override."""
         ckpt_path = config.get("ckpt_path")
-        if not self.subcommand or self._asked is None or not ckpt_path or not Path(ckpt_path).is_file():
-            return  # Lightning applies nothing either ("last", "best" and the like are not files)
-        # mmap: only the hyperparameters are read, not the weights (Lightning loaded them already).
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+        if not self.subcommand or self._asked is None or not ckpt_path:
+            return
+        if is_sharded_checkpoint(ckpt_path):  # the objects only: no tensor is read
+            checkpoint = read_objects(ckpt_path)
+        elif Path(ckpt_path).is_file():
+            # mmap: only the hyperparameters are read, not the weights (Lightning loaded them already).
+            checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+        else:
+            return  # Lightning applies nothing either ("last", "best" and the like are not paths)
         hparams = checkpoint.get("hyper_parameters")
         if not hparams:
             return
@@ -174,6 +182,9 @@ class DSV3CLI(LightningCLI):
     @override
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         config = self._get(self.config_init, "trainer", default={})
+        plugins = _as_list(kwargs.get("plugins", config.get("plugins")))
+        if not any(isinstance(p, CheckpointIO) for p in plugins):  # every strategy reads a sharded directory
+            kwargs["plugins"] = [*plugins, ShardedCheckpointIO()]
         if added := console_callbacks(config, interactive=sys.stdout.isatty()):
             kwargs["callbacks"] = [*_as_list(kwargs.get("callbacks", config.get("callbacks"))), *added]
             if any(isinstance(c, ModelSummary) for c in added):
@@ -222,7 +233,7 @@ def console_callbacks(trainer_config: Namespace, interactive: bool) -> list[Call
     return added
 
 
-def _as_list(callbacks: Callback | list[Callback] | None) -> list[Callback]:
+def _as_list(callbacks: Any) -> list:
     if callbacks is None:
         return []
     return list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]

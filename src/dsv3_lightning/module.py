@@ -214,8 +214,10 @@ class DSV3LightningModule(L.LightningModule):
         out = self.model(inputs)
         loss, logs = self.batch_loss(out.logits, out.hidden_states, tokens)
         self.flops_per_batch = self.flops_per_token * targets.numel()
-        self.log("train/loss", loss.detach(), prog_bar=True)
-        self.log_dict({f"train/{k}": v for k, v in logs.items()})
+        # each rank's loss is the mean over its equal share of the global batch: the mean over ranks is the
+        # global batch's value (one small all-reduce per key; nothing when there is one process)
+        self.log("train/loss", loss.detach(), prog_bar=True, sync_dist=True)
+        self.log_dict({f"train/{k}": v for k, v in logs.items()}, sync_dist=True)
         return loss
 
     def validation_step(self, tokens: torch.Tensor, batch_idx: int) -> None:

@@ -100,7 +100,7 @@ def _materialised_position(position: int) -> dict:
         shards = mesh.shard_experts(module)
         runner = PipelineRunner(module, plan, mesh.pipeline_group, device=torch.device("cpu"))
         kept = runner.release_unowned()
-        sync = GradientSync(module, mesh, [p for s in shards for p in s.params()], runner.owners)
+        sync = GradientSync(module, mesh, shards, runner.owners)
         replicated, sharded = sync.replicated, sync.experts
         for p in replicated + sharded:
             p.grad = torch.randn_like(p)

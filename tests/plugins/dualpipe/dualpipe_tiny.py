@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from dsv3_lightning.sharded_checkpoint_io import ShardedCheckpointIO, read_lightning_checkpoint
 from dsv3_lightning.plugins.mtp import MultiTokenPrediction
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
@@ -90,9 +91,15 @@ def make_trainer(root: Path, devices: int, strategy, *, max_steps: int, callback
         num_sanity_val_steps=0,
         gradient_clip_val=0.05,
         use_distributed_sampler=False,
+        plugins=[ShardedCheckpointIO()] if strategy in (None, "auto") else None,  # one process reads a mesh's
         callbacks=[ModelCheckpoint(dirpath=root / "ckpt", save_top_k=-1, every_n_epochs=1), *callbacks],
         **kwargs,
     )
+
+
+def read_checkpoint(path: Path) -> dict:
+    """A checkpoint as one process sees it: an ordinary file, or a mesh's sharded directory assembled."""
+    return read_lightning_checkpoint(path) if path.is_dir() else torch.load(path, weights_only=False)
 
 
 def assert_trained_alike(module, single_module) -> None:

@@ -71,7 +71,7 @@ def _worker(rank: int, world: int, out_dir: str) -> None:
         tokens = pipeline_tokens(make_tokens(BATCH), mesh.replica_rank, mesh.num_replicas)
         losses = runner.run_schedule(tokens)
         runner.sync_gradients()
-        sync = GradientSync(module, mesh, [q for shard in shards for q in shard.params()], runner.owners)
+        sync = GradientSync(module, mesh, shards, runner.owners)
         sync.reduce()
         norm = sync.clip(max_norm=float("inf"))
         experts = {id(q) for shard in shards for q in shard.params()}

@@ -8,7 +8,15 @@ import lightning as L
 import pytest
 import torch
 from dsv3_lightning.plugins.dualpipe import DualPipeStrategy
-from dualpipe_tiny import assert_trained_alike, last, make_module, make_tokens, make_trainer, metrics
+from dualpipe_tiny import (
+    assert_trained_alike,
+    last,
+    make_module,
+    make_tokens,
+    make_trainer,
+    metrics,
+    read_checkpoint,
+)
 from torch.utils.data import DataLoader, Sampler
 
 WINDOWS = make_tokens(16, seed=1)  # 2 global batches of 8 per epoch
@@ -124,8 +132,8 @@ def test_checkpoint_from_the_mesh_resumes_on_one_process(single, mesh_run, tmp_p
     root, _, _ = mesh_run
     ckpt = root / "ckpt" / "epoch=0-step=2.ckpt"
 
-    def shapes(path):  # a full, ordinary checkpoint: the single process's tensors, optimizer state included
-        state = torch.load(path, weights_only=False)
+    def shapes(path):  # read whole, the single process's tensors, optimizer state included
+        state = read_checkpoint(path)
         optimizer = {
             i: {k: v.shape for k, v in s.items()} for i, s in state["optimizer_states"][0]["state"].items()
         }

@@ -32,15 +32,21 @@ def test_decay_out_of_range():
 
 
 def test_runs_from_yaml_and_the_training_loss_uses_the_decayed_weights(fit_example):
-    cli = fit_example("mtp_depth_decay.yaml", 3)
+    cli = fit_example("mtp_depth_decay.yaml", 6)
     [head] = cli.model.heads
     assert type(head) is DepthDecayMTP and head.depth == 2 and head.decay == 0.5
     with open(f"{cli.trainer.logger.log_dir}/metrics.csv") as f:
         rows = [r for r in csv.DictReader(f) if r.get("train/loss")]
-    assert len(rows) == 3
+    assert len(rows) == 6
+    told_apart = 0
     for r in rows:
         value = {k: float(v) for k, v in r.items() if v}
         mtp = value["train/loss"] - value["train/ce"] - value["train/seq_balance_loss"]  # tiny.yaml's balance loss
         d1, d2 = value["train/mtp_loss/depth_1"], value["train/mtp_loss/depth_2"]
         assert mtp == pytest.approx(0.3 * (2 / 3 * d1 + 1 / 3 * d2), abs=2e-6)
-        assert abs(mtp - 0.3 * (d1 + d2) / 2) > 2e-5  # V3's equal weights would not explain the loss
+        # V3's equal weights differ from these by 0.3 * (d1 - d2) / 6: where the depths' losses have parted
+        # (not at the first steps from the initialisation, where both are about ln V), they fail
+        if abs(d1 - d2) > 1e-3:
+            assert abs(mtp - 0.3 * (d1 + d2) / 2) > 2e-5
+            told_apart += 1
+    assert told_apart, [(r["train/mtp_loss/depth_1"], r["train/mtp_loss/depth_2"]) for r in rows]

@@ -8,6 +8,7 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.distributed as dist
+from dsv3_lightning.sharded_checkpoint_io import ShardedCheckpointIO
 from dsv3_lightning.plugins.expert_parallel import ExpertParallelStrategy
 from dsv3_lightning.plugins.load_balancing import AuxLossFreeBalancing
 from dsv3_lightning.plugins.mtp import MultiTokenPrediction
@@ -126,6 +127,7 @@ def fit(
         gradient_clip_val=0.5,
         accumulate_grad_batches=accumulate_grad_batches,
         use_distributed_sampler=False,
+        plugins=[ShardedCheckpointIO()] if devices == 1 else None,  # reads a sharded checkpoint directory
         callbacks=[GlobalLoss(root / "losses.pt"), AuxLossFreeBalancing(0.01), *callbacks],
     )
     loader = DataLoader(list(windows), batch_size=GLOBAL_BATCH // devices, sampler=StridedSampler(len(windows)))

@@ -1,6 +1,7 @@
 """Portable checkpoints: a run saved with 2 expert ranks resumes with 1 or 4 (and a 1-process run
-resumes with 2) exactly where an uninterrupted single process would be; the checkpoint is a plain
-full-model checkpoint that exports to the Hugging Face layout."""
+resumes with 2) exactly where an uninterrupted single process would be; the checkpoint is a sharded
+directory (each rank wrote its share) that reads as the full model and exports to the Hugging Face
+layout."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from dsv3_lightning.model import DeepSeekV3
 from dsv3_lightning.module import DSV3LightningModule
+from dsv3_lightning.sharded_checkpoint import is_sharded_checkpoint
+from dsv3_lightning.sharded_checkpoint_io import read_lightning_checkpoint
 
 WINDOWS = make_tokens(2 * GLOBAL_BATCH)  # 2 steps per epoch: a checkpoint at step 2 ends epoch 0
 
@@ -40,7 +43,8 @@ def assert_same_model(got: dict, want: dict) -> None:
 
 
 def test_checkpoint_holds_the_full_model_and_optimizer_state(saved_by_two):
-    ckpt = torch.load(saved_by_two, weights_only=False)
+    assert is_sharded_checkpoint(saved_by_two) and len(list(saved_by_two.glob("*.distcp"))) == 2
+    ckpt = read_lightning_checkpoint(saved_by_two)
     plain = make_module().state_dict()
     assert {k: v.shape for k, v in ckpt["state_dict"].items()} == {k: v.shape for k, v in plain.items()}
     [opt] = ckpt["optimizer_states"]
@@ -61,7 +65,7 @@ def test_saved_by_one_process_resumes_with_two_expert_ranks(uninterrupted, tmp_p
 
 
 def test_expert_parallel_checkpoint_exports_to_hugging_face(saved_by_two, tmp_path):
-    ckpt = torch.load(saved_by_two, weights_only=False)
+    ckpt = read_lightning_checkpoint(saved_by_two)
     module = DSV3LightningModule.from_hparams(ckpt["hyper_parameters"])
     module.load_state_dict(ckpt["state_dict"])
     module.model.save_pretrained(tmp_path / "hf")

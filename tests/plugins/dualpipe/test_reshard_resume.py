@@ -1,0 +1,104 @@
+"""Sharded checkpoints reshard, and ZeRO-1 trains like one process: a run saved by one mesh resumes on
+another (PP2 x EP2 -> EP4, PP2, one process; one process and EP4 -> PP2 x EP2) with the losses and
+weights of an uninterrupted single process, with the optimizer state sharded (zero1) or not.
+
+Every run reads the same global batches of 8 windows (each replica its share) and clips by the global
+norm (make_trainer: 0.05, so the sharded clipping is exercised); the checkpoint is the one saved at
+the end of epoch 0 (step 2) and the resumed run takes step 3.
+"""
+
+from __future__ import annotations
+
+import pytest
+from dsv3_lightning.plugins.dualpipe import DualPipeStrategy
+from dsv3_lightning.plugins.expert_parallel import ExpertParallelStrategy
+from dualpipe_tiny import assert_trained_alike, last, make_module, make_tokens, make_trainer, metrics
+from test_pipeline_expert_strategy import ReplicaSampler
+from torch.utils.data import DataLoader
+
+from dsv3_lightning.sharded_checkpoint import is_sharded_checkpoint
+
+WINDOWS = make_tokens(16, seed=1)
+GLOBAL_BATCH = 8
+STEP_2 = "ckpt/epoch=0-step=2.ckpt"
+
+
+def strategy_for(layout: str | None, zero1: bool):
+    """None: one process; "ep4": 4 expert ranks; "pp2": 2 pipeline ranks; "pp2ep2", "pp2ep2dp2"."""
+    common = dict(start_method="fork", timeout=120, zero1=zero1)
+    if layout is None:
+        return None, 1
+    if layout == "ep4":
+        return ExpertParallelStrategy(4, **common), 4
+    pp, ep, dp = {"pp2": (2, 1, 1), "pp2ep2": (2, 2, 1), "pp2ep2dp2": (2, 2, 2)}[layout]
+    # 8 processes: 4 replicas of 2 windows, too few micro-batches for dualpipev (M >= 2 PP): 1f1b
+    schedule, microbatches = ("1f1b", 2) if dp > 1 else ("dualpipev", 4)
+    return DualPipeStrategy(2, microbatches, schedule, expert_parallel_size=ep, **common), pp * ep * dp
+
+
+def fit(root, layout: str | None, *, zero1: bool = False, ckpt_path=None):
+    strategy, devices = strategy_for(layout, zero1)
+    replicas = devices // (strategy.pipeline_parallel_size if strategy else 1)
+    batch = GLOBAL_BATCH // replicas
+    module = make_module()
+    run = make_trainer(root, devices, strategy, max_steps=3)
+    run.fit(
+        module,
+        DataLoader(list(WINDOWS), batch_size=batch, sampler=ReplicaSampler(16, strategy)),
+        DataLoader(list(WINDOWS[:8]), batch_size=batch, sampler=ReplicaSampler(8, strategy)),
+        ckpt_path=ckpt_path,
+        weights_only=False,
+    )
+    return module, metrics(root)
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    root = tmp_path_factory.mktemp("single")
+    return root, *fit(root, None)
+
+
+def assert_continues_like_one_process(got: dict, module, single) -> None:
+    _, single_module, want = single
+    assert last(got["train/loss"]) == pytest.approx(want["train/loss"][2], rel=1e-5)
+    assert last(got["train/ce"]) == pytest.approx(want["train/ce"][2], rel=1e-5)
+    assert_trained_alike(module, single_module)
+
+
+@pytest.fixture(scope="module")
+def saved_by_pp2ep2(tmp_path_factory, single):
+    root = tmp_path_factory.mktemp("pp2ep2-zero1")
+    module, got = fit(root, "pp2ep2", zero1=True)
+    _, single_module, want = single
+    for step in (0, 1, 2):  # ZeRO-1 over the mesh trains like one process
+        assert got["train/loss"][step] == pytest.approx(want["train/loss"][step], rel=1e-5), step
+    assert_trained_alike(module, single_module)
+    assert is_sharded_checkpoint(root / STEP_2)
+    return root / STEP_2
+
+
+@pytest.mark.parametrize(("layout", "zero1"), [("ep4", True), ("pp2", False), (None, False)])
+def test_saved_by_pp2_ep2_resumes_on_another_mesh(saved_by_pp2ep2, single, tmp_path, layout, zero1):
+    module, got = fit(tmp_path, layout, zero1=zero1, ckpt_path=str(saved_by_pp2ep2))
+    assert_continues_like_one_process(got, module, single)
+
+
+def test_saved_by_one_process_resumes_on_pp2_ep2_with_zero1(single, tmp_path):
+    root, _, _ = single
+    module, got = fit(tmp_path, "pp2ep2", zero1=True, ckpt_path=str(root / STEP_2))
+    assert_continues_like_one_process(got, module, single)
+
+
+def test_saved_by_ep4_resumes_on_pp2_ep2(single, tmp_path):
+    fit(tmp_path / "ep4", "ep4", zero1=True)
+    module, got = fit(tmp_path / "pp2ep2", "pp2ep2", ckpt_path=str(tmp_path / "ep4" / STEP_2))
+    assert_continues_like_one_process(got, module, single)
+
+
+def test_eight_processes_with_zero1_train_like_one(single, tmp_path):
+    """PP2 x EP2 x DP2: replicated states sharded over 4 ranks, experts' over the 2 of their data group."""
+    module, got = fit(tmp_path, "pp2ep2dp2", zero1=True)
+    _, single_module, want = single
+    for step in (0, 1, 2):
+        assert got["train/loss"][step] == pytest.approx(want["train/loss"][step], rel=1e-5), step
+    assert_trained_alike(module, single_module)
