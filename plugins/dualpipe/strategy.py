@@ -131,11 +131,13 @@ class DualPipeStrategy(ParallelStrategy):
         super().setup(trainer)
 
     @override
-    def setup_pipeline(self, trainer: pl.Trainer) -> None:
+    def setup_pipeline(self) -> None:
         self.runner = PipelineRunner(
             self.lightning_module, self.build_plan(), self.mesh.pipeline_group, self.root_device,
             overlap=self._overlap_hook(),
         )
+        if self.shards_first:  # before materialisation: the pieces other positions run never get values here
+            self.runner.release_unowned()
 
     def _overlap_hook(self) -> InterleavedOverlap | None:
         if not (self.overlap and spec(self.schedule).pairs and self._shards):
@@ -283,9 +285,10 @@ class DualPipeStrategy(ParallelStrategy):
     @override
     def on_train_end(self) -> None:
         """Completes every rank's copy of the module again, so that what the launcher hands back to a
-        notebook's process after ``fit`` (rank 0's module) is the whole trained model."""
+        notebook's process after ``fit`` (rank 0's module) is the whole trained model; not for a module
+        built shard-first, whose ranks never hold more than their pieces (read the checkpoint instead)."""
         super().on_train_end()
-        if self.runner is not None:
+        if self.runner is not None and not self.shards_first:
             self.runner.restore_unowned()
 
     @override

@@ -2,7 +2,8 @@
 
 Each ``GroupedExperts`` keeps rows ``offset .. offset + L`` of ``gate_up_proj`` [E, 2I, D] and
 ``down_proj`` [E, D, I] (L = E / expert_parallel_size, offset = expert rank × L) as new, smaller
-Parameters on the same module, and ``num_experts`` becomes L, so that its ``forward`` and any
+Parameters on the same module (on the meta device too: a shard-first build cuts before it has values),
+``num_experts`` becomes L and ``expert_offset`` the offset, so that its ``forward`` and any
 subclass's ``grouped_mm`` (FP8) run unchanged on the local experts. The layer's dispatcher becomes an
 ``AllToAllTokenDispatcher``. Everything else (attention, dense MLPs, router, shared experts, the
 heads) stays replicated.
@@ -78,6 +79,7 @@ def shard_experts(module: nn.Module, expert_rank: int, expert_parallel_size: int
         for w in EXPERT_WEIGHTS:
             _replace(moe.experts, w, shard.local_slice(getattr(moe.experts, w)).clone())
         moe.experts.num_experts = local
+        moe.experts.expert_offset = shard.offset  # a meta shard is initialised as rows offset.. of the full
         moe.dispatcher = make_dispatcher(name, num_experts)
         shards.append(shard)
     return shards
@@ -100,6 +102,7 @@ def unshard_experts(shards: Iterable[ExpertShard], comm: Comm) -> None:
         for w in EXPERT_WEIGHTS:
             _replace(shard.experts, w, _gather_rows(getattr(shard.experts, w).detach(), comm, f"gather of {shard.name}"))
         shard.experts.num_experts = shard.num_experts
+        shard.experts.expert_offset = 0
         shard.moe.dispatcher = shard.original_dispatcher
 
 

@@ -25,11 +25,14 @@ parameter (``parameter_owners``) and how the full module state is read (``full_m
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+import torch.distributed as dist
 from dsv3_lightning.plugins.expert_parallel.dispatcher import AllToAllTokenDispatcher
 from dsv3_lightning.plugins.expert_parallel.node_limited import apply_node_limit, node_groups
 from dsv3_lightning.plugins.expert_parallel.sharding import (
@@ -41,13 +44,16 @@ from dsv3_lightning.plugins.expert_parallel.sharding import (
     sliced_optimizer_states,
     unshard_experts,
 )
+from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.overrides.distributed import _sync_module_states
 from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
+from dsv3_lightning.model.materialize import has_meta_tensors
 from dsv3_lightning.sharded_checkpoint import looks_sharded, save
 from dsv3_lightning.sharded_checkpoint_io import OPTIMIZER_STATES, ShardedCheckpointIO, lightning_entries
 
@@ -62,6 +68,19 @@ from dsv3_lightning.plugins.parallel.checkpoint import (
 from dsv3_lightning.plugins.parallel.grad_sync import GradientSync
 from dsv3_lightning.plugins.parallel.mesh import KEY, ParallelMesh, mesh_shape
 from dsv3_lightning.plugins.parallel.zero import Zero1
+
+
+class _ShareLauncher(_MultiProcessingLauncher):
+    """The in-process launcher (spawn, fork), which hands rank 0's weights back to the calling process,
+    except after a shard-first run: rank 0 holds only its share (the trained model is the checkpoint)."""
+
+    @override
+    def _collect_rank_zero_results(self, trainer: pl.Trainer, results: Any):
+        output = super()._collect_rank_zero_results(trainer, results)
+        if output is not None and output.weights_path is not None and self._strategy.shards_first:
+            self._strategy.checkpoint_io.remove_checkpoint(output.weights_path)
+            output = output._replace(weights_path=None)
+        return output
 
 
 class ParallelStrategy(DDPStrategy):
@@ -133,6 +152,9 @@ class ParallelStrategy(DDPStrategy):
         self._grad_sync: GradientSync | None = None
         self._share: RankShare | None = None
         self._failed = False
+        self.shards_first = False
+        """Whether the module was built on meta and cut before it had values (``model_sharded_context``):
+        then no rank ever holds more than its share, and nothing is gathered back at the end."""
 
     # ------------------------------------------------------------------ checks before launch
     @override
@@ -173,12 +195,42 @@ class ParallelStrategy(DDPStrategy):
         """The token dispatcher of MoE layer ``name`` (override for another dispatch)."""
         return self.mesh.dispatcher(name, num_experts, fp8=self.fp8_dispatch)
 
-    def _setup_parallel(self) -> None:
-        """The mesh and this rank's expert shards (once, before the optimizers exist)."""
+    @override
+    def _configure_launcher(self) -> None:
+        super()._configure_launcher()
+        if isinstance(self._launcher, _MultiProcessingLauncher):
+            self._launcher = _ShareLauncher(self, start_method=self._start_method)
+
+    builds_shards_first = True
+    """The CLI builds the module on the meta device for this strategy, which cuts it before it has values."""
+
+    @contextmanager
+    def model_sharded_context(self) -> Iterator[None]:
+        """Around the module's ``configure_model``: a module built on meta is cut here, into this rank's
+        expert shard and pipeline pieces, so that ``configure_model`` materialises only those."""
+        module = self.lightning_module
+        if module is not None and has_meta_tensors(module):
+            self._cut(built_on_meta=True)
+        yield
+
+    def _cut(self, *, built_on_meta: bool = False) -> None:
+        """The mesh, this rank's expert shards and pipeline pieces (once, before the optimizers exist).
+
+        A module built on meta has no values yet: every rank will initialise its own share by name
+        from one seed (rank 0's, broadcast: a run without ``seed_everything`` draws one per process),
+        the values a single process would give it. A module built with values (outside the CLI) is
+        broadcast from rank 0 instead, as DDP's wrapper would.
+        """
         if self._mesh is not None:
             return
         module = self.lightning_module
-        _sync_module_states(module)  # one initialisation everywhere (what DDP's wrapper would do)
+        self.shards_first = built_on_meta
+        if built_on_meta:
+            seed = torch.tensor([module.model.init_seed], dtype=torch.int64, device=self.root_device)
+            dist.broadcast(seed, src=0)
+            module.model.init_seed = int(seed.item())  # once per run, before any value exists
+        else:
+            _sync_module_states(module)
         self._mesh = mesh = ParallelMesh.create(
             self.pipeline_parallel_size, self.expert_parallel_size, self.timeout_s, self.root_device.type
         )
@@ -196,30 +248,41 @@ class ParallelStrategy(DDPStrategy):
             nodes = node_groups(mesh.expert_parallel_size, self.ranks_per_node or self.num_processes)
             routers = [moe.gate for _, moe in moe_layers(module)]
             report += "; " + apply_node_limit(routers, self.max_nodes_per_token, nodes)
-        rank_zero_info(report)
+        rank_zero_info(report + ("; built shard-first" if built_on_meta else ""))
+        self.setup_pipeline()
 
     @override
     def configure_ddp(self) -> None:
-        self._setup_parallel()  # no DDP wrapper: gradients are synchronised by sync_gradients
+        """No DDP wrapper: gradients are synchronised by ``sync_gradients``."""
 
     @override
     def setup(self, trainer: pl.Trainer) -> None:
+        """Lightning's ``Strategy.setup`` without DDP's: no wrapper, and no broadcast of the module
+        (each rank holds its own share)."""
         if trainer.gradient_clip_val and getattr(self.precision_plugin, "scaler", None) is not None:
             raise NotImplementedError(
                 f"trainer.gradient_clip_val ({trainer.gradient_clip_val}) with trainer.precision "
                 f"({trainer.precision}) is not supported by {type(self).__name__}: the gradient scaler unscales after "
                 "this strategy clips; use precision bf16-mixed or 32, or no clipping"
             )
-        super().setup(trainer)
-        self._setup_parallel()  # validate / test / predict: no configure_ddp
-        self.setup_pipeline(trainer)
-        if self.zero1 and trainer.state.fn == TrainerFn.FITTING:
+        self.accelerator.setup(trainer)
+        self.model = self.precision_plugin.convert_module(self.model)
+        self.model_to_device()
+        self._cut()  # a module built with values is cut here (one built on meta already was)
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        if fitting:
+            self.setup_optimizers(trainer)
+        self.setup_precision_plugin()
+        if fitting:
+            _optimizers_to_device(self.optimizers, self.root_device)
+        if self.zero1 and fitting:
             for i, optimizer in enumerate(self.optimizers):
                 self.share.remember(i, optimizer)  # the names a checkpoint maps state by, before re-pointing
             self.grad_sync.shard_optimizers(self.optimizers)
 
-    def setup_pipeline(self, trainer: pl.Trainer) -> None:
-        """After the mesh and the shards, before ZeRO-1 shards the optimizers: a pipeline's runner."""
+    def setup_pipeline(self) -> None:
+        """After the mesh and the shards, before materialisation: a pipeline's runner (its pieces, and what
+        this position holds)."""
 
     @property
     @override
@@ -322,8 +385,16 @@ class ParallelStrategy(DDPStrategy):
     def load_model_state_dict(self, checkpoint: dict[str, Any], strict: bool = True) -> None:
         if checkpoint.get(LOADED):
             return  # load_sharded filled the module's tensors in place
-        # an ordinary checkpoint: after setup the experts are sharded, so slice them
-        self.lightning_module.load_state_dict(local_state_dict(checkpoint["state_dict"], self._shards), strict=strict)
+        # an ordinary checkpoint: after setup the experts are sharded, so slice them; a pipeline rank that
+        # released what it does not run takes only its own tensors
+        state = local_state_dict(checkpoint["state_dict"], self._shards)
+        owned = self.share.owned if self.shards_first else None
+        if owned is not None:
+            missing = sorted(owned - set(state))
+            if strict and missing:
+                raise KeyError(f"the checkpoint lacks {len(missing)} tensor(s) of this rank's pieces, e.g. {missing[:3]}")
+            state = {k: v for k, v in state.items() if k in owned}
+        self.lightning_module.load_state_dict(state, strict=strict and owned is None)
 
     @override
     def load_optimizer_state_dict(self, checkpoint: dict[str, Any]) -> None:
@@ -354,7 +425,7 @@ class ParallelStrategy(DDPStrategy):
     @override
     def teardown(self) -> None:
         """Gathers the expert shards back into every rank's module (after a normal end)."""
-        if self._shards and not self._failed:
+        if self._shards and not self._failed and not self.shards_first:  # a small model built with values
             unshard_experts(self._shards, self._expert_comm("teardown"))
         self._shards, self._mesh, self._grad_sync, self._share = [], None, None, None
         super().teardown()

@@ -141,7 +141,9 @@ class DSV3LightningModule(L.LightningModule):
         with torch.device("cpu"):  # never on meta: a metric's defaults are no module tensors to materialise
             self.val_loss = torchmetrics.MeanMetric()
             self.val_accuracy = torchmetrics.MeanMetric()
-        total, activated = self.model.num_parameters()
+        self.num_parameters = total, activated = self.model.num_parameters()
+        """(total, activated per token) of the whole model, counted at construction: a strategy may later
+        keep only a share of it on this process."""
         self.flops_per_token = 6 * (activated - self.model.model.embed_tokens.weight.numel())
         """Training FLOPs per token, 6·N (activated, without the embedding lookup); attention excluded."""
         self.flops_per_batch = 0
@@ -324,7 +326,7 @@ class DSV3LightningModule(L.LightningModule):
                 f"data.extra_tokens ({extra}) is too small for the prediction heads, which need "
                 f"{self.extra_tokens}: set data.extra_tokens to {self.extra_tokens}"
             )
-        total, activated = self.model.num_parameters()
+        total, activated = self.num_parameters
         rank_zero_info(f"DeepSeek-V3 model: {total / 1e6:.2f}M parameters, {activated / 1e6:.2f}M activated per token")
         for logger in self.loggers:
             logger.log_metrics({"params/total": total, "params/activated": activated}, step=0)

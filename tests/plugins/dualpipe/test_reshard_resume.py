@@ -9,13 +9,26 @@ the end of epoch 0 (step 2) and the resumed run takes step 3.
 
 from __future__ import annotations
 
+import json
+from contextlib import nullcontext
+
+import lightning as L
 import pytest
 from dsv3_lightning.plugins.dualpipe import DualPipeStrategy
 from dsv3_lightning.plugins.expert_parallel import ExpertParallelStrategy
-from dualpipe_tiny import assert_trained_alike, last, make_module, make_tokens, make_trainer, metrics
+from dualpipe_tiny import (
+    assert_trained_alike,
+    last,
+    make_module,
+    make_tokens,
+    make_trainer,
+    metrics,
+    read_checkpoint,
+)
 from test_pipeline_expert_strategy import ReplicaSampler
 from torch.utils.data import DataLoader
 
+from dsv3_lightning.module import building_on_meta
 from dsv3_lightning.sharded_checkpoint import is_sharded_checkpoint
 
 WINDOWS = make_tokens(16, seed=1)
@@ -36,12 +49,24 @@ def strategy_for(layout: str | None, zero1: bool):
     return DualPipeStrategy(2, microbatches, schedule, expert_parallel_size=ep, **common), pp * ep * dp
 
 
-def fit(root, layout: str | None, *, zero1: bool = False, ckpt_path=None):
+class HeldAtFitStart(L.Callback):
+    """Writes the parameter elements each rank holds once the strategy has set up (before training)."""
+
+    def __init__(self, root) -> None:
+        self.root = root
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        held = sum(p.numel() for p in pl_module.parameters())
+        (self.root / f"held-{trainer.global_rank}.json").write_text(json.dumps(held))
+
+
+def fit(root, layout: str | None, *, zero1: bool = False, ckpt_path=None, on_meta: bool = False):
     strategy, devices = strategy_for(layout, zero1)
     replicas = devices // (strategy.pipeline_parallel_size if strategy else 1)
     batch = GLOBAL_BATCH // replicas
-    module = make_module()
-    run = make_trainer(root, devices, strategy, max_steps=3)
+    with building_on_meta() if on_meta else nullcontext():  # as dsv3 fit builds it for these strategies
+        module = make_module()
+    run = make_trainer(root, devices, strategy, max_steps=3, callbacks=[HeldAtFitStart(root)])
     run.fit(
         module,
         DataLoader(list(WINDOWS), batch_size=batch, sampler=ReplicaSampler(16, strategy)),
@@ -102,3 +127,25 @@ def test_eight_processes_with_zero1_train_like_one(single, tmp_path):
     for step in (0, 1, 2):
         assert got["train/loss"][step] == pytest.approx(want["train/loss"][step], rel=1e-5), step
     assert_trained_alike(module, single_module)
+
+
+def test_built_on_meta_each_rank_materialises_only_its_share_and_trains_like_one_process(single, tmp_path):
+    """Shard-first: PP2 x EP2 from a module built on meta; every rank initialises only its pieces and expert
+    shard, by name, to the values a single process gives them, and trains like it (ZeRO-1 too)."""
+    _, got = fit(tmp_path / "meta", "pp2ep2", zero1=True, on_meta=True)  # no module back: rank 0 holds a share
+    single_root, single_module, want = single
+    for step in (0, 1, 2):
+        assert got["train/loss"][step] == pytest.approx(want["train/loss"][step], rel=1e-5), step
+    saved, alone = (read_checkpoint(root / STEP_2)["state_dict"] for root in (tmp_path / "meta", single_root))
+    assert saved.keys() == alone.keys()
+    for name in alone:  # the weights after 2 steps, as every rank saved its share; AdamW's 1/sqrt(v) turns
+        # rounding-level gradient differences of rarely routed experts into ~2e-5 of a tensor's scale
+        diff, scale = float((saved[name] - alone[name]).abs().max()), float(alone[name].abs().max())
+        assert diff <= 1e-4 * scale, (name, diff, scale)
+    whole = sum(p.numel() for p in single_module.parameters())
+    held = [json.loads((tmp_path / "meta" / f"held-{r}.json").read_text()) for r in range(4)]
+    fit(tmp_path / "eager", "pp2ep2", zero1=True)  # built with values: whole until training starts
+    eager = [json.loads((tmp_path / "eager" / f"held-{r}.json").read_text()) for r in range(4)]
+    assert all(h < whole / 2 for h in held), (held, whole)  # its pipeline half, half of its experts
+    assert all(e > h for e, h in zip(eager, held)), (eager, held)  # released only when training starts
+    assert is_sharded_checkpoint(tmp_path / "meta" / STEP_2)
