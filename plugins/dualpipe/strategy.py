@@ -11,31 +11,34 @@ x D, with P = ``pipeline_parallel_size``, E = ``expert_parallel_size`` (default 
 replicas (the rest; default 1). Each of the E x D pipelines reads its own slice of the global batch
 (the distributed sampler's replica), the same on its P ranks, cut into ``num_microbatches``. With
 E > 1 the routed experts of every MoE layer are sharded over the E ranks at each pipeline position,
-which exchange tokens by all-to-all (expert_parallel's sharding and dispatcher). The strategy is DDP's
+which exchange tokens by all-to-all (expert_parallel's sharding and dispatcher). The strategy is the
 parallel layer's strategy (``dsv3_lightning.plugins.parallel.ParallelStrategy``: the mesh, the expert
 shards and dispatchers, the one gradient synchronisation, checkpoints, teardown) with a pipeline, and
 replaces the step:
 
 - ``training_step`` runs the whole schedule (PipelineRunner: forward and backward of every
-  micro-batch, gradients of shared parameters summed over the pipeline), reduces the gradients over
-  the pipelines to the global batch's (grad_sync.py), logs ``train/loss``, ``train/ce`` and the heads'
-  logs (from the last stages, averaged over the pipelines: equal on every rank), and sets the
-  gradients aside: Lightning zeroes gradients between ``training_step`` and ``backward``;
-- ``backward`` puts them back instead of differentiating, and clips by the *global* norm over the
-  whole model (every position, every expert shard) when ``gradient_clip_algorithm`` is "norm"
-  (Lightning's own clipping, which sees one rank's gradients, then finds nothing to clip);
+  micro-batch, gradients of shared parameters summed over the pipeline), logs ``train/loss``,
+  ``train/ce`` and the heads' logs (from the last stages, averaged over the pipelines: equal on every
+  rank), and sets the gradients aside: Lightning zeroes gradients between ``training_step`` and
+  ``backward``;
+- ``backward`` puts them back instead of differentiating and calls the parallel layer's
+  ``sync_gradients``: the global batch's gradient over the replicas (or ZeRO-1's reduce-scatter), and
+  clipping by the *global* norm over the whole model (every position, every expert shard) when
+  ``gradient_clip_algorithm`` is "norm" (Lightning's own clipping then finds nothing to clip);
 - ``validation_step`` / ``test_step`` run a forward through the pieces (evaluation.py), heads' logs
   averaged over the pipelines;
-- checkpoints hold the full model: ``lightning_module_state_dict`` broadcasts each tensor from the
-  rank that trains it and gathers the expert shards, ``optimizer_state`` does the same for each
-  parameter's state. A checkpoint is therefore an ordinary single-process checkpoint, loadable with any
-  number of stages and expert ranks, and in a plain run.
+- checkpoints are the parallel layer's: by default each rank writes its pieces' share into a sharded
+  directory that any mesh (or one process) resumes from; ``checkpoint_format: full`` gathers one
+  ordinary file instead (each tensor broadcast from the rank that trains it, ``optimizer_state``'s
+  per-parameter state gathered as objects).
 
-A checkpoint loads into the whole module on every rank (before setup shards the experts and before
-training starts, so loading is the plain one; the optimizer state is sliced to the shards); at ``on_train_start`` each rank releases the parameters (and optimizer state) of the pieces
-it does not run, keeping each Parameter as an empty tensor that the optimizer skips (it never has a
-gradient), and ``on_train_end`` fills them again from their owners; at teardown the expert shards are
-gathered back, so that every rank's module is whole again. Not supported yet, each refused with the
+Built by ``dsv3 fit`` (on the meta device), each rank materialises only its pieces: the runner
+releases the others before they have values (the parallel layer's shard-first construction). A module
+built with values from Python is whole on every rank until ``on_train_start``, where each rank
+releases the parameters (and optimizer state) of the pieces it does not run, keeping each Parameter as
+an empty tensor that the optimizer skips (it never has a gradient), and ``on_train_end`` fills them
+again from their owners; at teardown the expert shards are gathered back, so that such a module is
+whole again. Not supported yet, each refused with the
 fix: loss terms registered by callbacks (sequence-wise balance loss), gradient accumulation (the
 micro-batches are the accumulation), ``predict``. Callbacks that read every router's last forward
 (ExpertLoadMonitor) see only the local stages' routers and the last micro-batch: leave them out. With

@@ -20,10 +20,12 @@ the whole model: the step equals a single process stepping on the whole global b
 clipping then finds nothing left to clip; ``on_before_optimizer_step`` hooks see reduced, clipped
 gradients.)
 
-Checkpoints hold the full model and full optimizer state, gathered from the shards when saved and
-sliced when loaded, so they resume with any expert_parallel_size, load in a plain run, and export
-with ``save_pretrained``. When a run ends normally the shards are gathered back into every rank's
-module, which is then a plain model again.
+Checkpoints are the parallel layer's: each rank writes its own shard into a sharded directory, which
+resumes with any expert_parallel_size (or pipeline, or one process) and converts with ``dsv3
+convert``; ``checkpoint_format: full`` gathers one ordinary file instead. Optimizer state is sharded
+over data parallelism with ``zero1``. A module built with values (from Python) has its shards
+gathered back when the run ends normally, so that it is a plain model again; one built shard-first
+by ``dsv3 fit`` never holds more than its share.
 
 A rank that dies or stops answering makes the others raise ``ExpertParallelCommError`` after at most
 ``timeout`` seconds (every process group of the run uses it), naming the collective and the key.
