@@ -25,11 +25,12 @@ from __future__ import annotations
 import fnmatch
 import logging
 import os
+from typing import Literal, get_args
 
 import torch
 from dsv3_lightning.plugins.fp8.experts import FP8GroupedExperts
 from dsv3_lightning.plugins.fp8.linear import FP8Linear, saved_bytes
-from dsv3_lightning.plugins.fp8.recipes import FP8Recipe
+from dsv3_lightning.plugins.fp8.recipes import FP8Recipe, Recipe
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
@@ -38,7 +39,9 @@ from dsv3_lightning.model.moe import GroupedExperts
 
 log = logging.getLogger(__name__)
 _KEY = "trainer.plugins[FP8Precision]"
-BACKENDS = ("auto", "torch", "scaled_mm", "triton")
+Backend = Literal["auto", "torch", "scaled_mm", "triton"]
+"""Where the FP8 GEMMs run (``--help`` lists them): ``auto`` picks triton on a GPU for blockwise."""
+BACKENDS: tuple[str, ...] = get_args(Backend)
 NEVER_CONVERTED = ("lm_head", "*.lm_head", "*embed_tokens*", "*.mlp.gate")
 
 
@@ -56,11 +59,11 @@ class FP8Precision(Precision):
 
     def __init__(
         self,
-        recipe: str = "blockwise",
+        recipe: Recipe = "blockwise",
         *,
-        backend: str = "auto",
+        backend: Backend = "auto",
         pow2_scales: bool = False,
-        unaligned: str = "pad",
+        unaligned: Literal["pad", "skip"] = "pad",
         exclude: list[str] | None = None,
     ) -> None:
         self.recipe = self.build_recipe(recipe, pow2_scales=pow2_scales)

@@ -14,6 +14,7 @@ Every recipe uses E4M3 for all three GEMMs (DeepSeek uses no E5M2) and online ma
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 from dsv3_lightning.plugins.fp8.quant import (
@@ -24,7 +25,9 @@ from dsv3_lightning.plugins.fp8.quant import (
     quantize_tiles,
 )
 
-RECIPES = ("blockwise", "rowwise", "tensorwise")
+Recipe = Literal["blockwise", "rowwise", "tensorwise"]
+"""The built-in recipes (``--help`` lists them); a subclass's ``build_recipe`` may add its own."""
+RECIPES: tuple[str, ...] = get_args(Recipe)
 
 
 @dataclass(frozen=True)
