@@ -106,9 +106,8 @@ class DualPipeStrategy(ParallelStrategy):
         **kwargs: Any,
     ) -> None:
         validate(schedule, pipeline_parallel_size, num_microbatches)
-        super().__init__(
-            pipeline_parallel_size=pipeline_parallel_size, expert_parallel_size=expert_parallel_size, **kwargs
-        )
+        super().__init__(expert_parallel_size=expert_parallel_size, **kwargs)
+        self.pipeline_parallel_size = pipeline_parallel_size
         self.num_microbatches = num_microbatches
         self.schedule = schedule
         self.overlap = overlap

@@ -37,7 +37,7 @@ DualPipeStrategy's ``expert_parallel_size``, which reuses this package's pieces.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from typing_extensions import override
 
@@ -59,30 +59,8 @@ class ExpertParallelStrategy(ParallelStrategy):
 
     strategy_name = "expert_parallel"
 
-    def __init__(
-        self,
-        expert_parallel_size: int,
-        *,
-        max_nodes_per_token: int | None = None,
-        ranks_per_node: int | None = None,
-        fp8_dispatch: bool = False,
-        zero1: bool = False,
-        checkpoint_format: Literal["sharded", "full"] = "sharded",
-        timeout: float = 1800.0,
-        start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(
-            expert_parallel_size=expert_parallel_size,
-            max_nodes_per_token=max_nodes_per_token,
-            ranks_per_node=ranks_per_node,
-            fp8_dispatch=fp8_dispatch,
-            zero1=zero1,
-            checkpoint_format=checkpoint_format,
-            timeout=timeout,
-            start_method=start_method,
-            **kwargs,
-        )
+    def __init__(self, expert_parallel_size: int, **kwargs: Any) -> None:
+        super().__init__(expert_parallel_size=expert_parallel_size, **kwargs)  # YAML sees the base's options
 
     @override
     def optimizer_step(self, optimizer, closure, model=None, **kwargs: Any) -> Any:

@@ -87,7 +87,6 @@ class ParallelStrategy(DDPStrategy):
     """A pipeline x data x expert parallel run (see the module docstring for what it owns).
 
     Args:
-        pipeline_parallel_size: Pipeline positions (1: no pipeline).
         expert_parallel_size: Ranks that share one copy of the routed experts, exchanging tokens by
             all-to-all; ``model.config.n_routed_experts`` must be a multiple. The rest of
             ``trainer.devices x trainer.num_nodes`` is data parallelism.
@@ -110,10 +109,12 @@ class ParallelStrategy(DDPStrategy):
             launch: notebooks and tests).
     """
 
+    pipeline_parallel_size = 1
+    """Pipeline positions (a pipeline strategy sets its own)."""
+
     def __init__(
         self,
         *,
-        pipeline_parallel_size: int = 1,
         expert_parallel_size: int = 1,
         max_nodes_per_token: int | None = None,
         ranks_per_node: int | None = None,
@@ -139,7 +140,6 @@ class ParallelStrategy(DDPStrategy):
             raise ValueError(f"{KEY}.max_nodes_per_token ({max_nodes_per_token}) must be >= 1 (or null: off)")
         kwargs.setdefault("checkpoint_io", ShardedCheckpointIO())  # reads both formats, removes directories
         super().__init__(start_method=start_method, timeout=timedelta(seconds=timeout), **kwargs)
-        self.pipeline_parallel_size = pipeline_parallel_size
         self.expert_parallel_size = expert_parallel_size
         self.max_nodes_per_token = max_nodes_per_token
         self.ranks_per_node = ranks_per_node
