@@ -1,8 +1,8 @@
-"""The plan put together: today's measured rows, the V3 model's rows, one table per distinct rank.
+"""The plan put together: today's and ZeRO-1's measured rows, the V3 model's, one table per distinct rank.
 
-``plan_positions`` returns every pipeline position's two rows; positions whose rows are equal are then
-one table ("pipeline ranks 2-15"). Expert and data ranks at one position are symmetric, so a position
-stands for its E x D global ranks.
+``plan_positions`` returns every pipeline position's three rows (today, after: ZeRO-1, V3 model);
+positions whose rows are equal are then one table ("pipeline ranks 2-15"). Expert and data ranks at
+one position are symmetric, so a position stands for its E x D global ranks.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import torch
 from dsv3_lightning.plugins.dualpipe.plans import SchedulePlan, build_plan
 
 from dsv3_lightning.plugins.plan.activations import PieceActivations, peak_activations
+from dsv3_lightning.plugins.plan.after import LABEL as AFTER
 from dsv3_lightning.plugins.plan.command import PRECISIONS, Layout, RunSettings, check_model, resolve
 from dsv3_lightning.plugins.plan.report import Memory, RankPlan, gb, render
 from dsv3_lightning.plugins.plan.today import PositionState, clip_value, measure_positions
@@ -25,6 +26,8 @@ from dsv3_lightning.plugins.plan.zero1 import zero1_memory
 class PositionPlan:
     state: PositionState
     today: Memory
+    after: Memory
+    """The same rank under ``zero1: true``, measured (after.py)."""
     v3: Memory
 
 
@@ -66,6 +69,19 @@ def plan_positions(run: RunSettings, layout: Layout) -> tuple[list[PositionPlan]
             activations_per_microbatch=per_mb_today,
             activations=peak_today,
         )
+        zero = state.after
+        after = Memory(
+            layout=AFTER,
+            params=state.params,
+            weights=zero.weights,
+            gradients=zero.gradients,
+            master_weights=zero.master_weights,
+            optimizer_state=zero.optimizer_state,
+            master_gradients=zero.master_gradients,
+            reduction_buffers=max(zero.reduction.values(), default=0),
+            activations_per_microbatch=per_mb_today,
+            activations=peak_today,
+        )
         v3 = zero1_memory(
             state.replicated_params,
             state.expert_params,
@@ -74,7 +90,7 @@ def plan_positions(run: RunSettings, layout: Layout) -> tuple[list[PositionPlan]
             activations_per_microbatch=per_mb_v3,
             activations=peak_v3,
         )
-        out.append(PositionPlan(state, today, v3))
+        out.append(PositionPlan(state, today, after, v3))
     facts = dict(
         total=total,
         activated=activated,
@@ -117,9 +133,9 @@ def describe(state: PositionState, config) -> str:
 def group(positions: list[PositionPlan], layout: Layout, config) -> list[RankPlan]:
     groups: dict[tuple, list[PositionPlan]] = {}
     for p in positions:
-        groups.setdefault((p.today, p.v3), []).append(p)
+        groups.setdefault((p.today, p.after, p.v3), []).append(p)
     plans = []
-    for (today, v3), members in groups.items():
+    for (today, after, v3), members in groups.items():
         first = members[0].state
         description = (
             describe(first, config)
@@ -134,17 +150,35 @@ def group(positions: list[PositionPlan], layout: Layout, config) -> list[RankPla
             f"today's reduction buffers: the largest peak of {steps}"
             if steps
             else "today: no gradient reduction",
+            _after_note(first, layout),
+            f"V3 model vs after: bf16 weights + fp32 gradients ({gb(v3.weights + v3.gradients)}) against "
+            f"the module's dtype for both ({gb(after.weights + after.gradients)}); bf16 moments; the fp32 "
+            "gradient buffer reduce-scattered in place (no master gradients, no staging)",
         ]
         plans.append(
             RankPlan(
                 positions=[m.state.position for m in members],
                 ranks_per_position=layout.expert * layout.data,
                 description=description,
-                rows=[today, v3],
+                rows=[today, after, v3],
                 notes=notes,
             )
         )
     return plans
+
+
+def _after_note(state: PositionState, layout: Layout) -> str:
+    zero = state.after
+    groups = " and ".join(f"{label} over {size} ranks" for label, size in zero.shards.items())
+    steps = ", ".join(f"{name} {gb(v)}" for name, v in zero.reduction.items())
+    return (
+        f"after: master weights, optimizer state and master gradients are this rank's shards ({groups}); "
+        "the model's full gradients are counted until the reduce-scatter stages them, the master "
+        f"gradients until Lightning's next zero_grad; reduction buffers: the largest peak of {steps}, "
+        f"the reduce-scatter's above both gradient columns (above the model's gradients it peaks at "
+        f"{gb(zero.reduce_scatter_peak)}, master gradients included: its buckets are staged while the "
+        f"gradients they copy are freed; Zero1.memory() states two buckets, {gb(zero.documented_buckets)})"
+    )
 
 
 def header(run: RunSettings, layout: Layout, facts: dict) -> list[str]:
@@ -172,11 +206,14 @@ def header(run: RunSettings, layout: Layout, facts: dict) -> list[str]:
         f"{run.optimizer_name()}, activations {act} with recompute_activations "
         f"{'on' if facts['recompute'] else 'off'}, attention as "
         f"{'a GPU fused kernel' if layout.attention == 'fused' else 'the math path'} keeps it",
+        f"- {AFTER} (measured: the same code with GradientSync.shard_optimizers, one step on meta): "
+        f"weights and gradients {dtype}, float32 master weights and gradients and the optimizer's state "
+        "sharded over the ranks replicating each parameter, activations as today",
         "- V3 ZeRO-1 model (a model, not code): bf16 weights, fp32 gradients, fp32 master weights + "
         "bf16 moments sharded over the ranks replicating each parameter, reduction in place; "
         "activations measured in bfloat16 with recompute_activations on",
-        "- peak = weights + gradients + optimizer state + max(reduction buffers, activations); "
-        "GB = 10^9 bytes, MB = 10^6",
+        "- model states = weights + gradients + master weights + optimizer state + master gradients; "
+        "peak = model states + max(reduction buffers, activations); GB = 10^9 bytes, MB = 10^6",
     ]
 
 

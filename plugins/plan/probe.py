@@ -1,4 +1,4 @@
-"""Running real code on the meta device, and counting what it keeps: the plan's three instruments.
+"""Running real code on the meta device, and counting what it keeps: the plan's instruments.
 
 - ``MetaRun``: a ``TorchDispatchMode`` under which code written for real tensors runs on meta ones.
   The few reads of a value (``.item()``, ``.tolist()``, ``float(t)``: a meta tensor has none) return
@@ -11,6 +11,8 @@
 - ``saved_storages``: the bytes autograd saves for backward while a forward runs, counted once per
   storage (views of one tensor are one allocation), leaving out storages it is told are not
   activations (parameters, buffers, RoPE tables).
+- ``optimizer_state_bytes``: the run's optimizer stepped once on meta gradients (fused kernels off:
+  they refuse meta tensors), and the bytes of the state it keeps.
 - ``FusedAttention``: on the meta device ``scaled_dot_product_attention`` falls back to its math path,
   which saves the [B, H, S, S] attention probabilities; a GPU runs a fused kernel for MLA's shapes
   (query/key head dim != value head dim, so PyTorch's memory-efficient kernel, not flash), which
@@ -63,6 +65,12 @@ class MetaRun(TorchDispatchMode):
             if p.grad is not None:
                 self._hold(p.grad)
 
+    def watch(self, tensors: Iterable[torch.Tensor]) -> None:
+        """Counts the storages of tensors that exist before the measured code (parameters, master
+        shards): views of them it makes are then not new allocations."""
+        for t in tensors:
+            self._hold(t)
+
     def _hold(self, t: torch.Tensor) -> None:
         key = storage_key(t)
         if key not in self._refs:
@@ -108,14 +116,40 @@ class MetaRun(TorchDispatchMode):
         return out
 
 
-def transient_bytes(fn: Callable[[], Any], params: Iterable[torch.Tensor] = ()) -> int:
+def transient_bytes(
+    fn: Callable[[], Any], params: Iterable[torch.Tensor] = (), existing: Iterable[torch.Tensor] = ()
+) -> int:
     """Peak bytes above the start that ``fn`` holds at once; the gradients of ``params`` are counted
-    from the start (``fn`` may replace them)."""
+    from the start (``fn`` may replace them), and so are the storages of ``existing`` tensors, so that
+    a view of one (a slice of a parameter or of a ZeRO-1 master shard) is not taken for an allocation."""
     with MetaRun(track=True) as run:
         run.watch_gradients(params)
+        run.watch(existing)
         start = run.live
         fn()
     return run.peak - start
+
+
+def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def unfused(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """``optimizer`` with torch's fused kernels switched off: they refuse meta tensors (the state the
+    unfused step keeps is the same)."""
+    for group in optimizer.param_groups:
+        if group.get("fused"):
+            group["fused"] = False
+    return optimizer
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """One step of ``optimizer`` on meta gradients; the bytes of the state it then keeps."""
+    with MetaRun():
+        unfused(optimizer).step()
+    return tensor_bytes(
+        v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)
+    )
 
 
 def saved_storages(fn: Callable[[], Any], exclude: Iterable[torch.Tensor] = ()) -> dict[int, int]:
@@ -161,4 +195,14 @@ class FusedAttention(TorchFunctionMode):
         return out[0]
 
 
-__all__ = ["FusedAttention", "MetaRun", "saved_storages", "storage_bytes", "storage_key", "transient_bytes"]
+__all__ = [
+    "FusedAttention",
+    "MetaRun",
+    "optimizer_state_bytes",
+    "saved_storages",
+    "storage_bytes",
+    "storage_key",
+    "tensor_bytes",
+    "transient_bytes",
+    "unfused",
+]

@@ -1,10 +1,13 @@
 """The plan's rows and tables: one ``Memory`` per layout and rank, printed as markdown.
 
-    peak = weights + gradients + optimizer state + max(reduction buffers, activations)
+    model states = weights + gradients + master weights + optimizer state + master gradients
+    peak = model states + max(reduction buffers, activations)
 
 The gradient reduction runs after the schedule's last backward, when the activations are freed, so
-the two transients never add up; the model states are there throughout. Bytes print in GB (10^9),
-or MB (10^6) below 0.1 GB.
+the two transients never add up; the model states are there throughout (ZeRO-1's master gradients
+too: they outlive the step until Lightning's next ``zero_grad``, after.py). Master weights and master
+gradients are 0 where a layout keeps none (today: the optimizer steps the parameters themselves).
+Bytes print in GB (10^9), or MB (10^6) below 0.1 GB.
 """
 
 from __future__ import annotations
@@ -24,6 +27,10 @@ class Memory:
     gradients: int
     optimizer_state: int
     reduction_buffers: int
+    master_weights: int = 0
+    """Float32 copies the optimizer steps instead of the parameters (ZeRO-1's shards)."""
+    master_gradients: int = 0
+    """Float32 gradients of the master weights, beside the model's own."""
     activations_per_microbatch: int
     """One micro-batch through every stage this rank runs."""
     activations: int
@@ -35,7 +42,8 @@ class Memory:
 
     @property
     def model_states(self) -> int:
-        return self.weights + self.gradients + self.optimizer_state
+        masters = self.master_weights + self.master_gradients
+        return self.weights + self.gradients + masters + self.optimizer_state
 
     @property
     def total(self) -> int:
@@ -82,9 +90,12 @@ COLUMNS = (
     "params",
     "weights",
     "gradients",
+    "master weights",
     "optimizer state",
+    "master gradients",
     "reduction buffers",
     "activations (per micro-batch x in flight)",
+    "model states",
     "peak",
 )
 
@@ -97,9 +108,12 @@ def table(rows: list[Memory]) -> str:
             f"{m.params:,}",
             gb(m.weights),
             gb(m.gradients),
+            gb(m.master_weights),
             gb(m.optimizer_state),
+            gb(m.master_gradients),
             gb(m.reduction_buffers),
             f"{gb(m.activations_per_microbatch)} x {m.in_flight:.2f} = {gb(m.activations)}",
+            gb(m.model_states),
             gb(m.total),
         ]
         lines.append("| " + " | ".join(cells) + " |")

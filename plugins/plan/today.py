@@ -18,8 +18,10 @@ world, and the strategies' functions run on the module built on the meta device:
                     ``optimizer:``), one ``step`` on meta; the bytes of its state tensors
 
 Only the fused flag of torch's Adam family is changed for the step: fused kernels refuse meta
-tensors, and the state they keep is the same. After each position the released parameters are
-filled again (``restore_unowned``), so one module serves all positions.
+tensors, and the state they keep is the same. Then the same position is measured under ZeRO-1
+(after.py: the run's optimizer sharded by the same ``GradientSync``, one step of the real code).
+After each position the released parameters are filled again (``restore_unowned``), so one module
+serves all positions.
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ from torch.testing._internal.distributed.fake_pg import FakeStore
 from dsv3_lightning.module import DSV3LightningModule
 from dsv3_lightning.plugins.parallel.grad_sync import GradientSync
 from dsv3_lightning.plugins.parallel.mesh import ParallelMesh
-from dsv3_lightning.plugins.plan.probe import MetaRun, transient_bytes
+from dsv3_lightning.plugins.plan.after import Zero1State, measure_zero1
+from dsv3_lightning.plugins.plan.probe import optimizer_state_bytes, tensor_bytes, transient_bytes
 
 TIMEOUT_S = 1800.0
 
@@ -60,6 +63,8 @@ class PositionState:
     optimizer_state: int
     reduction: dict[str, int] = field(default_factory=dict)
     """Peak transient bytes of each gradient step (``sync_gradients``, ``reduce_gradients``, ``clip``)."""
+    after: Zero1State | None = None
+    """The same rank under ``zero1: true`` (after.py)."""
 
     @property
     def params(self) -> int:
@@ -80,29 +85,6 @@ def fake_world(rank: int, world_size: int) -> Iterator[None]:
         dist.destroy_process_group()
 
 
-def _bytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def _unfused(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    for group in optimizer.param_groups:
-        if group.get("fused"):
-            group["fused"] = False
-    return optimizer
-
-
-def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """One step of ``optimizer`` on meta gradients; the bytes of the state it then keeps."""
-    with MetaRun():
-        _unfused(optimizer).step()
-    return sum(
-        _bytes([v])
-        for state in optimizer.state.values()
-        for v in state.values()
-        if isinstance(v, torch.Tensor)
-    )
-
-
 def measure_positions(
     module: DSV3LightningModule,
     plan: SchedulePlan | None,
@@ -116,16 +98,16 @@ def measure_positions(
     block = expert_parallel_size * data_parallel_size
     world = num_positions * block
     shards: list[ExpertShard] | None = None
-    states = []
+    states, cache = [], {}
     for position in range(num_positions):
         with fake_world(position * block, world):
-            state, shards = _position(module, plan, expert_parallel_size, shards, make_optimizer, clip)
+            state, shards = _position(module, plan, expert_parallel_size, shards, make_optimizer, clip, cache)
         state.position, state.global_rank = position, position * block
         states.append(state)
     return states
 
 
-def _position(module, plan, expert_parallel_size, shards, make_optimizer, clip):
+def _position(module, plan, expert_parallel_size, shards, make_optimizer, clip, cache):
     mesh = ParallelMesh.create(plan.layout.num_ranks if plan else 1, expert_parallel_size, TIMEOUT_S)
     if shards is None:  # once: the module keeps its expert shard for every position
         shards = mesh.shard_experts(module)
@@ -138,9 +120,11 @@ def _position(module, plan, expert_parallel_size, shards, make_optimizer, clip):
     if clip:
         steps["clip_global_norm"] = lambda: sync.clip(clip)
     state = _measure(module, sync.replicated, sync.experts, steps, make_optimizer)
+    state.after = measure_zero1(module, sync, runner, make_optimizer, clip, cache)
     if runner:
         state.pieces = [
-            (s, runner.pieces[plan.layout.piece(s)].layer_range, plan.layout.is_first(s), plan.layout.is_last(s))
+            (s, runner.pieces[plan.layout.piece(s)].layer_range, plan.layout.is_first(s),
+             plan.layout.is_last(s))
             for s in runner.local_stages
         ]
         runner.restore_unowned()
@@ -159,7 +143,7 @@ def _measure(
     params = [p for p in replicated + sharded if p.requires_grad]
     for p in params:
         p.grad = torch.empty_like(p)
-    gradients = _bytes(p.grad for p in params)
+    gradients = tensor_bytes(p.grad for p in params)
     reduction = {name: transient_bytes(step, params) for name, step in steps.items()}
     optimizer_state = optimizer_state_bytes(make_optimizer(module))
     for p in module.parameters():
@@ -170,7 +154,7 @@ def _measure(
         pieces=[],
         replicated_params=sum(p.numel() for p in replicated),
         expert_params=sum(p.numel() for p in sharded),
-        weights=_bytes(replicated + sharded),
+        weights=tensor_bytes(replicated + sharded),
         gradients=gradients,
         optimizer_state=optimizer_state,
         reduction=reduction,

@@ -1,17 +1,18 @@
 """A model of DeepSeek-V3's layout (SPEC.md §6.1, §8), not code that runs: ZeRO-1 over data parallelism.
 
-This is the "after" column of the plan until issue 15's sharded optimizer lands; then its numbers
-should come from that code the way today's do (today.py), and this file goes. The model takes
-today's parameter counts for a pipeline position (the same pieces and expert shards) and applies
-DeepSeek-V3's dtypes and sharding:
+The plan's "after" row is measured from the real ZeRO-1 code (after.py); this row stays beside it as
+the layout DeepSeek describes, to compare with. It takes today's parameter counts for a pipeline
+position (the same pieces and expert shards) and applies DeepSeek-V3's dtypes and sharding:
 
     weights            bf16 compute copy of every parameter the position holds        2 B x params
     gradients          fp32 (SPEC §6.1: "weight gradients FP32, used for batch
                        accumulation"), not sharded under ZeRO-1                          4 B x params
-    optimizer state    fp32 master weights + bf16 AdamW moments (AdamWBF16), sharded
-                       over the ranks that replicate each parameter: a replicated
-                       parameter over the E x D ranks of its position, an expert
-                       shard over the D data-parallel ranks that hold it               8 B x (R/(E·D) + X/D)
+    master weights     fp32, sharded over the ranks that replicate each parameter:
+                       a replicated parameter over the E x D ranks of its position,
+                       an expert shard over the D data-parallel ranks that hold it     4 B x (R/(E·D) + X/D)
+    optimizer state    AdamW's two moments in bf16 (AdamWBF16), sharded alike          4 B x (R/(E·D) + X/D)
+    master gradients   none: the reduce-scatter writes the fp32 gradient buffer in
+                       place, and the optimizer reads its owned range of it            0
     reduction buffers  none beyond the gradients: gradients live in one flat buffer
                        that the reduce-scatter writes in place, and the updated bf16
                        weights are all-gathered in place (Megatron's distributed
@@ -19,6 +20,11 @@ DeepSeek-V3's dtypes and sharding:
     activations        measured, not modelled (activations.py), with the module's
                        ``recompute_activations`` on (V3 recomputes RMSNorm and MLA
                        up-projections), bf16, the same schedule replay
+
+How the measured ZeRO-1 differs: its weights and gradients are in the module's dtype (float32 under
+``bf16-mixed``, 8 B per parameter against this model's 6 B; bf16 under ``bf16-true``, 4 B), its
+master gradients are a float32 copy of the owned range (4 B / G), AdamW's moments are float32 (8 B / G)
+unless the run's optimizer is AdamWBF16, and its buckets are staged (two in flight).
 
 DeepSeek-V3 also caches some activations in FP8 and keeps the parameter EMA in CPU memory; neither is
 in the model (the activations here are therefore an upper bound of V3's).
@@ -59,15 +65,16 @@ def zero1_memory(
 ) -> Memory:
     """One pipeline position's memory under the modelled ZeRO-1 layout (see the module docstring)."""
     params = replicated_params + expert_params
-    sharded = layout.master_bytes + layout.moment_bytes
-    state = sharded * replicated_params / (expert_parallel_size * data_parallel_size)
-    state += sharded * expert_params / data_parallel_size
+    # elements of this rank's shards: replicated over the E x D block, expert shards over the data group
+    shard = replicated_params / (expert_parallel_size * data_parallel_size)
+    shard += expert_params / data_parallel_size
     return Memory(
         layout=LABEL,
         params=params,
         weights=layout.weight_bytes * params,
         gradients=layout.grad_bytes * params,
-        optimizer_state=round(state),
+        master_weights=round(layout.master_bytes * shard),
+        optimizer_state=round(layout.moment_bytes * shard),
         reduction_buffers=0,
         activations_per_microbatch=activations_per_microbatch,
         activations=activations,

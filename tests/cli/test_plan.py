@@ -24,7 +24,7 @@ from dsv3_lightning.module import DSV3LightningModule
 from dsv3_lightning.plugins.plan.activations import PieceActivations, peak_activations
 from dsv3_lightning.plugins.plan.build import plan_positions
 from dsv3_lightning.plugins.plan.command import Layout, RunSettings, parser, resolve
-from dsv3_lightning.plugins.plan.probe import transient_bytes
+from dsv3_lightning.plugins.plan.probe import MetaRun, transient_bytes
 from dsv3_lightning.plugins.plan.today import fake_world
 from dsv3_lightning.plugins.parallel.grad_sync import GradientSync
 from dsv3_lightning.plugins.parallel.mesh import ParallelMesh
@@ -60,8 +60,12 @@ def plan_671b() -> dict:
         args = parser().parse_args(["--config", {V3!r}, "--pipeline", "16", "--expert", "64", "--data", "2"])
         run = RunSettings.load(args.config)
         positions, facts = plan_positions(run, resolve(args, run))
-        rows = [dict(replicated=p.state.replicated_params, experts=p.state.expert_params,
-                     today=p.today.params, v3=p.v3.params) for p in positions]
+        fields = ("params", "weights", "gradients", "master_weights", "optimizer_state", "master_gradients")
+        rows = [dict(replicated=p.state.replicated_params, experts=p.state.expert_params)
+                for p in positions]
+        for row, p in zip(rows, positions):
+            for name in ("today", "after", "v3"):
+                row.update((name + "_" + f, getattr(getattr(p, name), f)) for f in fields)
         print(json.dumps(dict(rows=rows, total=facts["total"], seconds=time.perf_counter() - start,
                               rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)))
     """)
@@ -72,7 +76,22 @@ def test_671b_plan_counts_every_parameter_once(plan_671b):
     assert len(rows) == 16 and plan_671b["total"] == TOTAL_671B
     # DualPipeV holds each piece once: the positions' replicated parameters plus 64 expert ranks' shards
     assert sum(r["replicated"] + 64 * r["experts"] for r in rows) == TOTAL_671B
-    assert all(r["today"] == r["v3"] == r["replicated"] + r["experts"] for r in rows)
+    assert all(r["today_params"] == r["after_params"] == r["v3_params"] == r["replicated"] + r["experts"]
+               for r in rows)
+
+
+def test_671b_after_row_shards_as_v3_and_keeps_the_model_dtype(plan_671b):
+    """ZeRO-1 at 2,048 ranks: master weights and gradients are V3's fp32 shards (replicated parameters
+    over 128 ranks, expert shards over 2; the layouts' padding aside), AdamW's float32 moments twice
+    that, and the float32 model's weights and gradients stay whole (8 B per parameter)."""
+    for r in plan_671b["rows"]:
+        shard = r["replicated"] / 128 + r["experts"] / 2
+        assert 0 <= r["after_master_weights"] - 4 * shard < 4 * 128 * 4, r
+        assert abs(r["after_master_weights"] - r["v3_master_weights"]) < 4 * 128 * 4
+        assert r["after_master_gradients"] == r["after_master_weights"]
+        assert 0 < r["after_optimizer_state"] - 2 * r["after_master_weights"] <= 4 * 4
+        params = r["replicated"] + r["experts"]
+        assert r["after_weights"] == r["after_gradients"] == r["today_weights"] == 4 * params
 
 
 def test_671b_plan_is_quick_and_small(plan_671b):
@@ -141,6 +160,92 @@ def test_tiny_plan_matches_the_shards_built_for_real(position):
     flags = 4 * real["tensors"]
     assert 0 <= real["reduction"] - planned.state.reduction["reduce_gradients"] <= flags
     assert planned.state.reduction["reduce_gradients"] > 0
+
+
+# ---------------------------------------------------------------------- the after row: real ZeRO-1 on CPU
+@pytest.fixture(scope="module")
+def tiny_zero1_plan():
+    run, layout = _layout("--pipeline", "2", "--expert", "2", "--data", "2")
+    return plan_positions(run, layout)[0]
+
+
+def _materialised_zero1(position: int) -> dict:
+    """tiny.yaml at P2 x E2 x D2 (8 ranks), the first rank of position ``position``: real CPU tensors cut
+    by the strategies' functions, the run's optimizer sharded by ``GradientSync.shard_optimizers`` as
+    ParallelStrategy does with zero1, the real reduce-scatter, clipping, a real fused AdamW step and the
+    all-gather (the fake backend moves no values: the sizes are what is checked)."""
+    run, _ = _layout()
+    torch.manual_seed(0)
+    module = DSV3LightningModule(run.model_config(), [], **run.module_kwargs())
+    with fake_world(position * 4, 8):
+        mesh = ParallelMesh.create(2, 2, 60.0)
+        shards = mesh.shard_experts(module)
+        plan = build_plan("dualpipev", 2, 4)
+        runner = PipelineRunner(module, plan, mesh.pipeline_group, device=torch.device("cpu"))
+        runner.release_unowned()
+        sync = GradientSync(module, mesh, shards, runner.owners)
+        optimizer = run.make_optimizer(module)
+        assert optimizer.param_groups[0]["fused"]
+        zeros = sync.shard_optimizers([optimizer])
+        masters = [fs.master for zero in zeros for fs in zero.layouts]
+        params = sync.replicated + sync.experts
+        for p in params:
+            p.grad = torch.randn_like(p)
+        gradients = sum(p.grad.numel() * p.grad.element_size() for p in params)
+        with MetaRun(track=True) as probe:  # the plan's instrument, on real tensors
+            probe.watch_gradients(params)
+            probe.watch([*params, *masters])
+            start = probe.live
+            sync.reduce()
+        master_grads = sum(m.grad.numel() * m.grad.element_size() for m in masters if m.grad is not None)
+        model_grads_left = [p for p in module.parameters() if p.grad is not None]
+        sync.clip(1.0)
+        optimizer.step()
+        sync.after_step()
+        state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values())
+        return dict(
+            weights=sum(p.numel() * p.element_size() for p in params),
+            gradients=gradients,
+            master_weights=sum(m.numel() * m.element_size() for m in masters),
+            master_gradients=master_grads,
+            optimizer_state=state,
+            model_grads_left=len(model_grads_left),
+            reduce_scatter_peak=probe.peak - start,
+            sharded_over={fs.world for zero in zeros for fs in zero.layouts},
+        )
+
+
+@pytest.mark.parametrize("position", [0, 1])
+def test_tiny_after_row_matches_a_real_zero1_step(tiny_zero1_plan, position):
+    planned = tiny_zero1_plan[position]
+    real = _materialised_zero1(position)
+    after = planned.after
+    assert after.weights == real["weights"] == planned.today.weights
+    assert after.gradients == real["gradients"] == planned.today.gradients
+    assert real["model_grads_left"] == 0, "the reduce-scatter frees the model's gradients"
+    assert after.master_weights == real["master_weights"] > 0
+    assert after.master_gradients == real["master_gradients"] > 0
+    assert after.optimizer_state == real["optimizer_state"] > 0
+    assert real["sharded_over"] == {4, 2}, "replicated parameters over the block, expert shards over dp"
+    # AdamW: two float32 moments per owned element of the master shards, and a float32 step count per
+    # layout (at most 2 param groups x 2 shard groups)
+    assert 0 < after.optimizer_state - 2 * after.master_weights <= 4 * 4
+    # the reduce-scatter's transient on meta (staging buckets and master gradients, less the model
+    # gradients it frees) is the one it has on real tensors
+    assert planned.state.after.reduce_scatter_peak == real["reduce_scatter_peak"] > 0
+    assert after.reduction_buffers == max(planned.state.after.reduction.values())
+    assert after.model_states < planned.today.model_states
+
+
+def test_after_row_is_the_zero1_arithmetic_of_the_counts(tiny_zero1_plan):
+    """Master weights and master gradients are 4 B per element of this rank's shards: replicated parameters
+    over the block of E x D = 4, expert shards over D = 2, each layout padded to a multiple of its group."""
+    for planned in tiny_zero1_plan:
+        shard = planned.state.replicated_params / 4 + planned.state.expert_params / 2
+        padding = 4 * 4 * 4  # at most 3 padding elements per layout; 2 param groups x 2 shard groups
+        assert 0 <= planned.after.master_weights - 4 * shard < padding
+        assert planned.after.master_gradients == planned.after.master_weights
+        assert abs(planned.after.master_weights - planned.v3.master_weights) < padding  # V3's sharding
 
 
 def _real_piece_bytes(module: DSV3LightningModule, piece, micro_batch: int, seq_len: int) -> int:
@@ -227,7 +332,8 @@ def test_reduction_buffers_match_the_process_rss():
 def test_v3_model_shards_states_over_the_replicas():
     m = zero1_memory(1000, 64, 4, 2, activations_per_microbatch=10, activations=30)
     assert (m.weights, m.gradients) == (2 * 1064, 4 * 1064)
-    assert m.optimizer_state == 8 * 1000 / 8 + 8 * 64 / 2
+    assert m.master_weights == m.optimizer_state == 4 * 1000 / 8 + 4 * 64 / 2  # fp32 master, bf16 moments
+    assert m.master_gradients == 0 and m.model_states == 6 * 1064 + 2 * m.master_weights
     assert m.reduction_buffers == 0 and m.in_flight == 3 and m.total == m.model_states + 30
 
 
@@ -236,6 +342,8 @@ def test_dsv3_plan_prints_a_table_per_distinct_rank(capsys):
     out = capsys.readouterr().out
     assert "PP2 x EP2 x DP1 (4 ranks)" in out
     assert out.count("| today |") == 2 and out.count("| V3 ZeRO-1 model |") == 2
+    assert out.count("| after: ZeRO-1 (zero1: true) |") == 2
+    assert "| master weights | optimizer state | master gradients |" in out
     assert "### pipeline rank 0 " in out and "### pipeline rank 1 " in out
 
 
