@@ -28,7 +28,9 @@ and takes, in bytes:
     reduction buffers  the largest measured transient (probe.transient_bytes, on meta) of the steps
                        above: the reduce-scatter's above both gradient columns (its staging buckets,
                        two in flight, less the model gradients already freed), clipping's on the
-                       shards, the all-gather's (two buckets in the model's dtype, and the casts)
+                       shards, the all-gather's (buckets in the model's dtype: three are alive at
+                       once, one more than ``Zero1.memory()`` states, as ``FlatShard.all_gather``
+                       still holds the bucket it scattered when it allocates the next)
 
 The collectives' bucket loops are most of the plan's time at 671B (a meta op per parameter segment
 of each bucket row, 128 rows for a block of 128 ranks), so a ``cache`` keyed by the layouts' shapes
