@@ -229,10 +229,12 @@ class PipelineRunner:
     # ------------------------------------------------------------------ memory and checkpoints
     def release_unowned(self) -> int:
         """Gives back the storage of the parameters no piece of this rank uses (an empty tensor keeps
-        each Parameter object, so the optimizer's references stay valid); returns the elements kept."""
+        each Parameter object, so the optimizer's references stay valid, and its number of dimensions,
+        zero rows of the same shape, so that ``configure_optimizers`` puts it in the same weight-decay
+        group on every rank); returns the elements kept."""
         for name, p in self.module.named_parameters():
             if self.rank not in self.owners.get(name, ()):
-                p.data = p.data.new_empty(0)
+                p.data = p.data.new_empty((0, *p.shape[1:]))
                 self.released.add(name)
         return sum(p.numel() for p in self.module.parameters())
 

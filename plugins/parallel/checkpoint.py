@@ -198,10 +198,11 @@ def apply_optimizer_state(
         by_name.setdefault(name, {}).update(entry)
     names = share.param_names.get(index) or [share.names[p] for g in optimizer.param_groups for p in g["params"]]
     if list(objects["param_names"]) != names:
-        missing = sorted(set(objects["param_names"]) ^ set(names))[:3]
+        differ = sorted(set(objects["param_names"]) ^ set(names))[:3]
+        what = f"other parameters than this run's ({differ} ...)" if differ else "its parameters in another order"
         raise ValueError(
-            f"the checkpoint's optimizer {index} steps other parameters than this run's ({missing} ...): resume "
-            "with the model.config and optimizer the checkpoint was saved with"
+            f"the checkpoint's optimizer {index} steps {what}: resume with the model.config and optimizer the "
+            "checkpoint was saved with"
         )
     for live, saved in zip(optimizer.param_groups, objects["param_groups"]):
         live.update({k: v for k, v in saved.items() if k != "params"})

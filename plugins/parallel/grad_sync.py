@@ -171,6 +171,7 @@ class GradientSync:
         """After ``optimizer.step()``: the updated master shards back into the parameters (ZeRO-1)."""
         for zero in self.zeros:
             zero.all_gather_parameters()
+            zero.free_gradients()
 
     # ------------------------------------------------------------------ the step
     def reduce(self) -> None:

@@ -152,6 +152,7 @@ class ParallelStrategy(DDPStrategy):
         self._grad_sync: GradientSync | None = None
         self._share: RankShare | None = None
         self._failed = False
+        self._meta_names: dict[int, str] = {}
         self.shards_first = False
         """Whether the module was built on meta and cut before it had values (``model_sharded_context``):
         then no rank ever holds more than its share, and nothing is gathered back at the end."""
@@ -210,6 +211,7 @@ class ParallelStrategy(DDPStrategy):
         expert shard and pipeline pieces, so that ``configure_model`` materialises only those."""
         module = self.lightning_module
         if module is not None and has_meta_tensors(module):
+            self._meta_names = {id(p): name for name, p in module.named_parameters()}  # before any is replaced
             self._cut(built_on_meta=True)
         yield
 
@@ -272,6 +274,7 @@ class ParallelStrategy(DDPStrategy):
         fitting = trainer.state.fn == TrainerFn.FITTING
         if fitting:
             self.setup_optimizers(trainer)
+            self._repoint_optimizers()
         self.setup_precision_plugin()
         if fitting:
             _optimizers_to_device(self.optimizers, self.root_device)
@@ -279,6 +282,24 @@ class ParallelStrategy(DDPStrategy):
             for i, optimizer in enumerate(self.optimizers):
                 self.share.remember(i, optimizer)  # the names a checkpoint maps state by, before re-pointing
             self.grad_sync.shard_optimizers(self.optimizers)
+
+    def _repoint_optimizers(self) -> None:
+        """An optimizer made before materialisation holds the meta Parameters that materialisation
+        replaced (LightningCLI instantiates ``optimizer:`` with the module's parameters when it parses
+        the config): point it at the live ones, by name."""
+        if not self._meta_names:
+            return
+        live = dict(self.lightning_module.named_parameters())
+        for optimizer in self.optimizers:
+            for group in optimizer.param_groups:
+                group["params"] = [
+                    live[self._meta_names[id(p)]] if p.is_meta and id(p) in self._meta_names else p
+                    for p in group["params"]
+                ]
+            stale = [p for g in optimizer.param_groups for p in g["params"] if p.is_meta]
+            if stale:
+                raise RuntimeError(f"{type(optimizer).__name__} holds {len(stale)} parameter(s) still on meta")
+        self._meta_names = {}
 
     def setup_pipeline(self) -> None:
         """After the mesh and the shards, before materialisation: a pipeline's runner (its pieces, and what

@@ -222,6 +222,12 @@ class Zero1:
         for fs in self.layouts:
             fs.all_gather(self.bucket_bytes)
 
+    def free_gradients(self) -> None:
+        """Drops the master gradients once the step has used them (Lightning's ``zero_grad`` comes only
+        before the next step's backward: under a pipeline, after the next schedule's activations)."""
+        for fs in self.layouts:
+            fs.master.grad = None
+
     # -- checkpoints -----------------------------------------------------------------------------
 
     def owned_ranges(self) -> dict[str, Range]:

@@ -155,10 +155,12 @@ class FlatShard:
             local = self.master.detach()[c0:c1].to(self.gather_dtype)
             out = torch.empty(self.world * (c1 - c0), dtype=self.gather_dtype, device=self.device)
             pending.append((_all_gather(out, local, group=self.group, async_op=True), out, local, c0, c1))
+            del out, local  # the bucket in flight is held by ``pending`` only: two buckets live, not three
             if len(pending) == 2:
                 work, out, _, *columns = pending.popleft()
                 work.wait()
                 scatter(out, *columns)
+                del out
         while pending:
             work, out, _, *columns = pending.popleft()
             work.wait()

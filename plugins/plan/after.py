@@ -10,8 +10,8 @@ same fake process group, with the same ``GradientSync``, and repeats what Parall
     sync.reduce()                          # Zero1.reduce_scatter_gradients: bucketed, frees the model's
     sync.clip(max_norm)                    # on the master shards, when the config clips
     optimizer.step()                       # creates the shards' state
-    sync.after_step()                      # Zero1.all_gather_parameters: bucketed, into the model
-    optimizer.zero_grad()                  # frees the master gradients
+    sync.after_step()                      # Zero1.all_gather_parameters, into the model; frees the master
+    optimizer.zero_grad()                  # gradients (Zero1.free_gradients)
 
 and takes, in bytes:
 
@@ -22,15 +22,12 @@ and takes, in bytes:
     optimizer state    the run's optimizer's state after its step over the shards (AdamW 8 B per
                        owned element, the repo's AdamWBF16 4 B); master weights are not in it
     master gradients   the float32 gradients the reduce-scatter leaves in the shards (4 B per owned
-                       element). They live until Lightning's ``zero_grad``, which runs after the next
-                       step's schedule (DualPipeStrategy) or forward (ExpertParallelStrategy), so they
-                       meet the next step's activations and model gradients: a model state
+                       element), from the reduce-scatter (which frees the model's as it fills them) to
+                       ``after_step``: the model states count the larger of the two gradients
     reduction buffers  the largest measured transient (probe.transient_bytes, on meta) of the steps
                        above: the reduce-scatter's above both gradient columns (its staging buckets,
                        two in flight, less the model gradients already freed), clipping's on the
-                       shards, the all-gather's (buckets in the model's dtype: three are alive at
-                       once, one more than ``Zero1.memory()`` states, as ``FlatShard.all_gather``
-                       still holds the bucket it scattered when it allocates the next)
+                       shards, the all-gather's (buckets in the model's dtype, two in flight)
 
 The collectives' bucket loops are most of the plan's time at 671B (a meta op per parameter segment
 of each bucket row, 128 rows for a block of 128 ranks), so a ``cache`` keyed by the layouts' shapes

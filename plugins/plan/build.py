@@ -173,8 +173,9 @@ def _after_note(state: PositionState, layout: Layout) -> str:
     steps = ", ".join(f"{name} {gb(v)}" for name, v in zero.reduction.items())
     return (
         f"after: master weights, optimizer state and master gradients are this rank's shards ({groups}); "
-        "the model's full gradients are counted until the reduce-scatter stages them, the master "
-        f"gradients until Lightning's next zero_grad; reduction buffers: the largest peak of {steps}, "
+        "the model's full gradients exist until the reduce-scatter stages them, the master gradients "
+        "until after_step frees them (the model states count the larger of the two); reduction buffers: "
+        f"the largest peak of {steps}, "
         f"the reduce-scatter's above both gradient columns (above the model's gradients it peaks at "
         f"{gb(zero.reduce_scatter_peak)}, master gradients included: its buckets are staged while the "
         f"gradients they copy are freed; Zero1.memory() states two buckets, {gb(zero.documented_buckets)})"

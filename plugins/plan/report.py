@@ -42,8 +42,11 @@ class Memory:
 
     @property
     def model_states(self) -> int:
-        masters = self.master_weights + self.master_gradients
-        return self.weights + self.gradients + masters + self.optimizer_state
+        """Weights, master weights and optimizer state, and the larger of the two gradients: the model's
+        exist from the backward until the reduce-scatter frees them as it fills the master gradients,
+        which the step consumes and ``after_step`` frees."""
+        gradients = max(self.gradients, self.master_gradients)
+        return self.weights + self.master_weights + self.optimizer_state + gradients
 
     @property
     def total(self) -> int:
