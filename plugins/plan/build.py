@@ -213,7 +213,8 @@ def header(run: RunSettings, layout: Layout, facts: dict) -> list[str]:
         "- V3 ZeRO-1 model (a model, not code): bf16 weights, fp32 gradients, fp32 master weights + "
         "bf16 moments sharded over the ranks replicating each parameter, reduction in place; "
         "activations measured in bfloat16 with recompute_activations on",
-        "- model states = weights + gradients + master weights + optimizer state + master gradients; "
+        "- model states = weights + master weights + optimizer state + the larger of gradients and master "
+        "gradients (the reduce-scatter frees the one as it fills the other); "
         "peak = model states + max(reduction buffers, activations); GB = 10^9 bytes, MB = 10^6",
     ]
 

@@ -1,11 +1,12 @@
 """The plan's rows and tables: one ``Memory`` per layout and rank, printed as markdown.
 
-    model states = weights + gradients + master weights + optimizer state + master gradients
+    model states = weights + master weights + optimizer state + max(gradients, master gradients)
     peak = model states + max(reduction buffers, activations)
 
 The gradient reduction runs after the schedule's last backward, when the activations are freed, so
-the two transients never add up; the model states are there throughout (ZeRO-1's master gradients
-too: they outlive the step until Lightning's next ``zero_grad``, after.py). Master weights and master
+the two transients never add up; the model states are there throughout. ZeRO-1's reduce-scatter
+frees the model's gradients as it fills the master gradients, which ``after_step`` frees (after.py):
+the two never coexist, hence the larger of them. Master weights and master
 gradients are 0 where a layout keeps none (today: the optimizer steps the parameters themselves).
 Bytes print in GB (10^9), or MB (10^6) below 0.1 GB.
 """
