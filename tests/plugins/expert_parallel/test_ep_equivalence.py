@@ -1,6 +1,6 @@
 """Same global batch and seed: 2 and 4 expert-parallel processes train like 1 process (losses,
 parameters after several AdamW steps with global-norm clipping, balancing biases, validation
-metrics at the end of the epoch: 1e-5 relative)."""
+metrics at the end of the epoch: 1e-5 relative), with the optimizer state sharded (ZeRO-1) or not."""
 
 from __future__ import annotations
 
@@ -17,10 +17,13 @@ def single(tmp_path_factory):
     return fit(tmp_path_factory.mktemp("single"), devices=1, expert_parallel_size=1, windows=TRAIN, val_windows=VAL)
 
 
-@pytest.mark.parametrize(("devices", "expert_parallel_size"), [(2, 2), (4, 2)])
-def test_expert_parallel_run_matches_one_process(single, tmp_path, devices, expert_parallel_size):
+@pytest.mark.parametrize(("devices", "expert_parallel_size", "zero1"), [(2, 2, False), (4, 2, False), (4, 2, True)])
+def test_expert_parallel_run_matches_one_process(single, tmp_path, devices, expert_parallel_size, zero1):
+    """zero1: 2 data x 2 expert ranks with ZeRO-1 (replicated states over 4 ranks, experts' over 2)."""
     want_module, want_losses, want_metrics = single
-    module, losses, metrics = fit(tmp_path, devices, expert_parallel_size, windows=TRAIN, val_windows=VAL)
+    module, losses, metrics = fit(
+        tmp_path, devices, expert_parallel_size, windows=TRAIN, val_windows=VAL, zero1=zero1
+    )
     assert len(losses) == len(want_losses) == 3
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(want_losses), rtol=1e-5, atol=0)
     assert {"val/loss", "val/accuracy", "val/mtp_loss"} <= metrics.keys()  # validation through the all-to-all
