@@ -297,7 +297,7 @@ def test_reduction_buffers_match_the_process_rss():
     expert shards, as the strategies call them) is what the process really allocates."""
     got = _run(
         """
-        import json, resource, torch, torch.distributed as dist
+        import json, os, threading, torch, torch.distributed as dist
         from dsv3_lightning.plugins.plan.probe import transient_bytes
         from dsv3_lightning.plugins.plan.today import fake_world
         from dsv3_lightning.plugins.expert_parallel.all_to_all import Comm
@@ -307,7 +307,14 @@ def test_reduction_buffers_match_the_process_rss():
         real = [[torch.nn.Parameter(torch.zeros(n)) for n in g] for g in groups]
         for p in [*meta[0], *meta[1], *real[0], *real[1]]:
             p.grad = torch.ones_like(p)
-        rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        page = os.sysconf("SC_PAGE_SIZE")
+        def rss():  # the current resident set (ru_maxrss is a high-water mark that earlier frees may hide)
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * page
+        peak, done = [0], threading.Event()
+        def sample():
+            while not done.is_set():
+                peak[0] = max(peak[0], rss())
         with fake_world(0, 2):
             comm = Comm(dist.group.WORLD, 60.0, "test")
             def step(params):
@@ -315,8 +322,12 @@ def test_reduction_buffers_match_the_process_rss():
                     reduce_mean(group, comm, 2, bucket_bytes=40 * 2**20)
             planned = transient_bytes(lambda: step(meta), [*meta[0], *meta[1]])
             before = rss()
+            sampler = threading.Thread(target=sample)
+            sampler.start()
             step(real)
-            print(json.dumps(dict(planned=planned, rss=rss() - before)))
+            done.set()
+            sampler.join()
+            print(json.dumps(dict(planned=planned, rss=peak[0] - before)))
     """,
         # a fixed threshold: every buffer here is mmapped and goes back to the system when freed (glibc
         # otherwise raises its threshold after a free, and freed heap memory may stay in the RSS)
