@@ -9,7 +9,17 @@
 
 from dsv3_lightning.plugins.expert_parallel.all_to_all import ExpertParallelCommError, all_to_all
 from dsv3_lightning.plugins.expert_parallel.dispatcher import AllToAllTokenDispatcher
-from dsv3_lightning.plugins.expert_parallel.strategy import ExpertParallelStrategy
+
+
+def __getattr__(name: str):
+    """``ExpertParallelStrategy`` on first use: it stands on the parallel layer, which imports this
+    package's all-to-all and sharding, so importing it here would make that a cycle."""
+    if name == "ExpertParallelStrategy":
+        from dsv3_lightning.plugins.expert_parallel.strategy import ExpertParallelStrategy
+
+        return ExpertParallelStrategy
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "AllToAllTokenDispatcher",
