@@ -5,7 +5,10 @@ DualPipeStrategy are thin layers on it.
                     over the world, so that the balancing callbacks' counts cover the global batch)
                     without the DDP wrapper, which would average expert gradients over ranks that hold
                     different experts
-    mesh            one pipeline x data x expert DeviceMesh (mesh.py), built once at setup
+    mesh            one pipeline x data x expert DeviceMesh (mesh.py), built once
+    shard-first     a module built on the meta device (``dsv3 fit``: ``builds_shards_first``) is cut in
+                    ``model_sharded_context`` and ``configure_model`` materialises only this rank's
+                    share, initialised by name to the values one process gives it
     expert shards   every MoE layer's routed experts (the model's and the MTP heads') split over "ep"
                     (expert_parallel/sharding.py), each layer's dispatcher an all-to-all over it built
                     by ``make_dispatcher`` (FP8 dispatch, node-limited routing: options here)
@@ -13,11 +16,14 @@ DualPipeStrategy are thin layers on it.
                     pipeline read the same slice)
     gradients       one synchronisation (grad_sync.py): the global batch's gradient, clipped by the
                     whole model's norm when ``trainer.gradient_clip_val`` is set with the "norm"
-                    algorithm (Lightning's own clipping then finds nothing left to clip)
-    checkpoints     full and ordinary: expert shards gathered on save and sliced on load (sharding.py),
-                    so a checkpoint resumes on any mesh and loads in a plain run
-    end             after a normal end the shards are gathered back, so that every rank's module is a
-                    plain model again; after an exception, no collective (the other ranks may be gone)
+                    algorithm (Lightning's own clipping then finds nothing left to clip); ``zero1``:
+                    the optimizer state sharded over data parallelism (zero.py)
+    checkpoints     sharded (checkpoint.py): each rank writes and reads its own share, so a checkpoint
+                    resumes on any mesh and in a plain run; ``checkpoint_format: full`` gathers one
+                    ordinary file (expert shards gathered on save, sliced on load)
+    end             a module built with values has its shards gathered back after a normal end, so that
+                    it is a plain model again; one built shard-first never holds more than its share;
+                    after an exception, no collective (the other ranks may be gone)
 
 A subclass says where its step calls ``sync_gradients`` and, for a pipeline, which positions use each
 parameter (``parameter_owners``) and how the full module state is read (``full_module_state``).
@@ -64,7 +70,6 @@ from dsv3_lightning.plugins.parallel.checkpoint import (
     load_sharded,
     zero_state_from_full,
 )
-
 from dsv3_lightning.plugins.parallel.grad_sync import GradientSync
 from dsv3_lightning.plugins.parallel.mesh import KEY, ParallelMesh, mesh_shape
 from dsv3_lightning.plugins.parallel.zero import Zero1
