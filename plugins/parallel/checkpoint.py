@@ -35,7 +35,10 @@ from dsv3_lightning.sharded_checkpoint import Chunk, load
 from dsv3_lightning.sharded_checkpoint_io import (
     OPTIMIZER_STATES,
     STATE_DICT,
+    entries_by_parameter,
     optimizer_entries,
+    optimizer_state_from_entries,
+    state_prefix,
     tensor_entries,
 )
 
@@ -99,7 +102,7 @@ class RankShare:
         """(tensor entries, object part) of optimizer ``index`` in the layout."""
         if zero is None:
             return optimizer_entries(index, optimizer, optimizer.state_dict(), self.names, self._chunk_of)
-        prefix = f"{OPTIMIZER_STATES}.{index}.state."
+        prefix = state_prefix(index)
         tensors: dict[str, Any] = {}
         for name, entry in zero.state_chunks().items():
             if self.saved_here is not None and name not in self.saved_here:
@@ -120,16 +123,12 @@ class RankShare:
     ) -> dict[str, torch.Tensor | Chunk]:
         """Empty tensors for this rank's share of optimizer ``index``'s saved state (``saved``: the
         checkpoint's tensor metadata), to be filled by ``load``."""
-        prefix = f"{OPTIMIZER_STATES}.{index}.state."
-        by_name: dict[str, list[tuple[str, Any]]] = {}
-        for key, md in saved.items():
-            if key.startswith(prefix):
-                name, state_key = key[len(prefix):].rsplit(".", 1)
-                by_name.setdefault(name, []).append((state_key, md))
+        prefix = state_prefix(index)
+        by_name = entries_by_parameter(index, saved)
         templates: dict[str, torch.Tensor | Chunk] = {}
         if zero is not None:
             for name, r in zero.owned_ranges().items():
-                for state_key, md in by_name.get(name, []):
+                for state_key, md in by_name.get(name, {}).items():
                     empty = torch.empty(r.numel if len(md.size) else (), dtype=md.properties.dtype)
                     templates[f"{prefix}{name}.{state_key}"] = (
                         Chunk(empty, (r.global_numel,), (r.global_offset,)) if len(md.size) else empty
@@ -139,7 +138,7 @@ class RankShare:
             name = self.names[param]
             if self.owned is not None and name not in self.owned:
                 continue
-            for state_key, md in by_name.get(name, []):
+            for state_key, md in by_name.get(name, {}).items():
                 if not len(md.size):
                     templates[f"{prefix}{name}.{state_key}"] = torch.empty((), dtype=md.properties.dtype)
                     continue
@@ -189,13 +188,6 @@ def apply_optimizer_state(
 ) -> None:
     """Puts what ``load_sharded`` read for optimizer ``index`` into it, by parameter name."""
     objects, tensors = loaded
-    prefix = f"{OPTIMIZER_STATES}.{index}.state."
-    by_name: dict[str, dict[str, Any]] = {}
-    for key, value in tensors.items():
-        name, state_key = key[len(prefix):].rsplit(".", 1)
-        by_name.setdefault(name, {})[state_key] = value
-    for name, entry in objects.get("state", {}).items():
-        by_name.setdefault(name, {}).update(entry)
     names = share.param_names.get(index) or [share.names[p] for g in optimizer.param_groups for p in g["params"]]
     if list(objects["param_names"]) != names:
         differ = sorted(set(objects["param_names"]) ^ set(names))[:3]
@@ -204,18 +196,24 @@ def apply_optimizer_state(
             f"the checkpoint's optimizer {index} steps {what}: resume with the model.config and optimizer the "
             "checkpoint was saved with"
         )
-    for live, saved in zip(optimizer.param_groups, objects["param_groups"]):
-        live.update({k: v for k, v in saved.items() if k != "params"})
+    restore_hyperparameters(optimizer, objects["param_groups"])
     if zero is not None:
+        by_name = entries_by_parameter(index, tensors)
+        for name, entry in objects.get("state", {}).items():
+            by_name.setdefault(name, {}).update(entry)
         zero.load_state_chunks({n: e for n, e in by_name.items() if n in zero.owned_ranges()})
         return
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    state = {}
-    for i, p in enumerate(params):
-        entry = by_name.get(share.names[p])
-        if entry:
-            state[i] = {k: v.view(p.shape) if torch.is_tensor(v) and v.dim() == 1 else v for k, v in entry.items()}
+    # the names agree, in order: the layout's own reader gives the index-keyed state, in local shapes
+    shapes = {share.names[p]: p.shape for group in optimizer.param_groups for p in group["params"]}
+    state = optimizer_state_from_entries(index, tensors, objects, shapes)["state"]
     optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
+
+
+def restore_hyperparameters(optimizer: torch.optim.Optimizer, saved_groups: Sequence[Mapping[str, Any]]) -> None:
+    """A checkpoint's param-group settings (lr, betas, weight decay ...) into the live groups, whose
+    parameters stay this run's (ZeRO-1's master shards, or a pipeline rank's whole list)."""
+    for live, saved in zip(optimizer.param_groups, saved_groups):
+        live.update({k: v for k, v in saved.items() if k != "params"})
 
 
 def zero_state_from_full(zero: Zero1, state: Mapping[str, Any], names: Sequence[str]) -> None:
@@ -232,4 +230,11 @@ def zero_state_from_full(zero: Zero1, state: Mapping[str, Any], names: Sequence[
     zero.load_state_chunks(chunks)
 
 
-__all__ = ["LOADED", "RankShare", "apply_optimizer_state", "load_sharded", "zero_state_from_full"]
+__all__ = [
+    "LOADED",
+    "RankShare",
+    "apply_optimizer_state",
+    "load_sharded",
+    "restore_hyperparameters",
+    "zero_state_from_full",
+]

@@ -68,6 +68,7 @@ from dsv3_lightning.plugins.parallel.checkpoint import (
     RankShare,
     apply_optimizer_state,
     load_sharded,
+    restore_hyperparameters,
     zero_state_from_full,
 )
 from dsv3_lightning.plugins.parallel.grad_sync import GradientSync
@@ -431,8 +432,7 @@ class ParallelStrategy(DDPStrategy):
             return
         if zeros:
             for i, (opt, state) in enumerate(zip(self.optimizers, checkpoint[OPTIMIZER_STATES])):
-                for live, saved in zip(opt.param_groups, state["param_groups"]):
-                    live.update({k: v for k, v in saved.items() if k != "params"})
+                restore_hyperparameters(opt, state["param_groups"])
                 zero_state_from_full(zeros[i], state, self.share.param_names[i])
             return
         if not self._shards:

@@ -54,7 +54,8 @@ OPTIMIZER_STATES = "optimizer_states"
 Allocate = Callable[[torch.Size, torch.dtype], torch.Tensor]
 
 
-def _state_prefix(index: int) -> str:
+def state_prefix(index: int) -> str:
+    """The keys' prefix of optimizer ``index``'s per-parameter state: ``optimizer_states.<index>.state.``."""
     return f"{OPTIMIZER_STATES}.{index}.state."
 
 
@@ -120,12 +121,24 @@ def optimizer_entries(
                 raise NotImplementedError(f"optimizer state key {key!r} of {name} holds a dot; the layout "
                                           "takes the name before the last dot as the parameter's")
             if torch.is_tensor(value) and value.dim() > 0:
-                tensors[f"{_state_prefix(index)}{name}.{key}"] = chunk_of(param, name, value)
+                tensors[f"{state_prefix(index)}{name}.{key}"] = chunk_of(param, name, value)
             elif torch.is_tensor(value):
-                tensors[f"{_state_prefix(index)}{name}.{key}"] = value
+                tensors[f"{state_prefix(index)}{name}.{key}"] = value
             else:
                 others.setdefault(name, {})[key] = value
     return tensors, {"param_groups": state_dict["param_groups"], "param_names": param_names, "state": others}
+
+
+def entries_by_parameter(index: int, entries: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Optimizer ``index``'s entries of the layout (tensors, or the checkpoint's metadata of them) by
+    parameter name: ``{name: {state key: value}}``; entries of other optimizers and the model are left out."""
+    prefix = state_prefix(index)
+    by_name: dict[str, dict[str, Any]] = {}
+    for key, value in entries.items():
+        if key.startswith(prefix):
+            name, state_key = key[len(prefix):].rsplit(".", 1)
+            by_name.setdefault(name, {})[state_key] = value
+    return by_name
 
 
 def optimizer_state_from_entries(
@@ -137,12 +150,8 @@ def optimizer_state_from_entries(
     """``optimizer.state_dict()`` of optimizer ``index`` from the layout: ``tensors`` the entries (full,
     or this rank's local values), ``objects`` its object part, ``shapes`` the shape to view each
     parameter's flattened entries as (the full parameter's, or this rank's local piece's)."""
-    prefix = _state_prefix(index)
-    by_name: dict[str, dict[str, Any]] = {}
-    for key, value in tensors.items():
-        if key.startswith(prefix):
-            name, state_key = key[len(prefix):].rsplit(".", 1)
-            by_name.setdefault(name, {})[state_key] = value
+    prefix = state_prefix(index)
+    by_name = entries_by_parameter(index, tensors)
     state = {}
     for i, name in enumerate(objects["param_names"]):
         entry = {**objects["state"].get(name, {}), **by_name.pop(name, {})}
@@ -230,10 +239,12 @@ class ShardedCheckpointIO(TorchCheckpointIO):
 
 __all__ = [
     "ShardedCheckpointIO",
+    "entries_by_parameter",
     "iter_full_tensors",
     "lightning_entries",
     "optimizer_entries",
     "optimizer_state_from_entries",
     "read_lightning_checkpoint",
+    "state_prefix",
     "tensor_entries",
 ]
