@@ -18,14 +18,15 @@ it) has its gradient summed over the pipeline group; a parameter used on one ran
 gradient there and has none elsewhere (so the optimizer leaves that rank's copy alone). Each rank
 holds the whole module (simple checkpoints, see ``full_state_dict``); only its pieces are computed.
 
-The returned loss is the mean over micro-batches of each micro-batch's training loss (CE + heads),
-the same number as the whole batch's loss when micro-batches are equal in size; it and the logs
-(``ce``, the heads' ``mtp_loss`` ...) are summed over the ranks that hold last stages and reach
-every rank, so that every rank logs the same values.
+``train_step`` returns each rank's sums of the micro-batch logs (training loss, ``ce``, the heads'
+``mtp_loss`` ..., from the ranks that hold last stages) and of its layers' loss terms (balance
+losses, computed by each router on its own rank), with their count; the strategy turns them into the
+global batch's means in one all-reduce over all processes (``DSV3LightningModule.log_train``), the
+same numbers one process computes on the whole batch when micro-batches are equal in size.
 
 torch's stages run one extra forward of the first micro-batch at their first step, to infer the
-shapes they exchange: its logs are dropped, but the routers count its tokens once (the bias update
-of AuxLossFreeBalancing sees one micro-batch more at the first step).
+shapes they exchange (on empty tensors for all but the first stage): its logs are dropped, and its
+routing is neither counted nor given loss terms (``_Stage``).
 """
 
 from __future__ import annotations
@@ -39,9 +40,18 @@ from dsv3_lightning.plugins.dualpipe.plans import SchedulePlan, compute_only, pl
 from dsv3_lightning.plugins.dualpipe.torch_pipelining import PipelineStage
 from dsv3_lightning.plugins.dualpipe.torch_pipelining import ActionListRuntime
 
+from dsv3_lightning.model.router import statistics_paused
 from dsv3_lightning.module import DSV3LightningModule
 
 _KEY = "trainer.strategy.init_args"
+
+
+class _Stage(PipelineStage):
+    """torch's stage, whose first-step forward to infer shapes leaves no trace in the routers' statistics."""
+
+    def _forward_metadata_inference(self, *args, **kwargs):
+        with statistics_paused(self.submod):
+            return super()._forward_metadata_inference(*args, **kwargs)
 
 
 class _ScaledLoss:
@@ -149,9 +159,7 @@ class PipelineRunner:
                 self._schedule.overlap = self.overlap
             return
         stages = [
-            PipelineStage(
-                self.pieces[self.layout.piece(s)], s, self.layout.num_stages, self.device, group=self.group
-            )
+            _Stage(self.pieces[self.layout.piece(s)], s, self.layout.num_stages, self.device, group=self.group)
             for s in self.local_stages
         ]
         m = self.plan.num_microbatches
@@ -202,25 +210,41 @@ class PipelineRunner:
                 p.grad = flat[offset : offset + n].view_as(p).clone()
             offset += n
 
-    def train_step(self, tokens: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(mean loss, mean logs) over the micro-batches, identical on every rank of the pipeline.
+    def train_step(self, tokens: torch.Tensor) -> tuple[dict[str, torch.Tensor], int]:
+        """Runs the schedule; returns this rank's log sums and how many micro-batches they cover.
 
-        Each rank sums its last pieces' logs (the others contribute zeros) in one float64 all-reduce on
-        the runner's device, as NCCL requires. Only the last pieces' ranks know the log names (the
-        heads choose them): they are exchanged once, at the first step, and kept (``_log_keys``).
+        The sums are the last pieces' micro-batch logs (``loss`` without the loss terms, ``ce``, the
+        heads' logs), zeros where this rank holds no last piece (count 0), and the loss terms' values
+        of this rank's layers over all micro-batches; every rank returns the same keys, on the runner's
+        device, so that ``DSV3LightningModule.log_train`` reduces them over all processes in one
+        all-reduce. The terms' gradients are weighed 1/M like the loss's (``router_losses.scale``).
         """
-        self.run_schedule(tokens)
+        losses = self.module.router_losses
+        losses.scale = 1.0 / self.plan.num_microbatches
+        try:
+            self.run_schedule(tokens)
+        finally:
+            losses.scale = 1.0
         self.sync_gradients()
         logs = [log for piece in self.pieces for log in piece.logs]
-        keys = self._log_keys or self._exchange_log_keys(logs)
+        keys = self._log_keys or self._train_log_keys(logs)
         total = torch.zeros(len(keys), dtype=torch.float64, device=self.device)
         for log in logs:
             total += torch.stack([log[k].detach().to(self.device, torch.float64).reshape(()) for k in keys])
-        dist.all_reduce(total, group=self.group)
-        mean = dict(zip(keys, (total / self.plan.num_microbatches).float()))
-        return mean.pop("loss"), mean
+        return {**dict(zip(keys, total)), **losses.pop(self.device)}, len(logs)
 
-    def _exchange_log_keys(self, logs: list[dict[str, torch.Tensor]]) -> list[str]:
+    def log_names(self, stage: str) -> list[str] | None:
+        """The heads' log names at ``stage`` (fixed, from ``PredictionHead.log_names``), or None if a
+        head does not say."""
+        names = [head.log_names(stage) for head in self.module.heads]
+        return None if any(n is None for n in names) else [k for n in names for k in n]
+
+    def _train_log_keys(self, logs: list[dict[str, torch.Tensor]]) -> list[str]:
+        heads = self.log_names("train")
+        if heads is not None:
+            self._log_keys = ["loss", "ce", *heads]
+            return self._log_keys
+        # a head that does not name its logs: learn them from the last stages, once per run
         gathered: list = [None] * dist.get_world_size(self.group)
         dist.all_gather_object(gathered, sorted({k for log in logs for k in log}), group=self.group)
         self._log_keys = sorted({k for ks in gathered for k in ks})

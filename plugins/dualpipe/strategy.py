@@ -18,8 +18,8 @@ replaces the step:
 
 - ``training_step`` runs the whole schedule (PipelineRunner: forward and backward of every
   micro-batch, gradients of shared parameters summed over the pipeline), logs ``train/loss``,
-  ``train/ce`` and the heads' logs (from the last stages, averaged over the pipelines: equal on every
-  rank), and sets the gradients aside: Lightning zeroes gradients between ``training_step`` and
+  ``train/ce``, the heads' logs and the loss terms (the global batch's values, as one process logs
+  them: ``DSV3LightningModule.log_train``), and sets the gradients aside: Lightning zeroes gradients between ``training_step`` and
   ``backward``;
 - ``backward`` puts them back instead of differentiating and calls the parallel layer's
   ``sync_gradients``: the global batch's gradient over the replicas (or ZeRO-1's reduce-scatter), and
@@ -38,10 +38,10 @@ built with values from Python is whole on every rank until ``on_train_start``, w
 releases the parameters (and optimizer state) of the pieces it does not run, keeping each Parameter as
 an empty tensor that the optimizer skips (it never has a gradient), and ``on_train_end`` fills them
 again from their owners; at teardown the expert shards are gathered back, so that such a module is
-whole again. Not supported yet, each refused with the
-fix: loss terms registered by callbacks (sequence-wise balance loss), gradient accumulation (the
-micro-batches are the accumulation), ``predict``. Callbacks that read every router's last forward
-(ExpertLoadMonitor) see only the local stages' routers and the last micro-batch: leave them out. With
+whole again. Loss terms registered by callbacks (the sequence-wise balance loss) are computed by each router on
+its own stage and reach the gradient there (the core's router_losses.py); the balancing callbacks and
+ExpertLoadMonitor read counts summed over every micro-batch and process. Not supported, each refused
+with the fix: gradient accumulation (the micro-batches are the accumulation), ``predict``. With
 expert parallelism under schedules "dualpipe" and "dualpipev" (on gloo), each (F;B) pair runs its
 forward and backward chunks in turns, so that each one's all-to-alls run under the other's
 computation (``overlap``; overlap.py).
@@ -122,14 +122,6 @@ class DualPipeStrategy(ParallelStrategy):
                 f"{type(self).__name__}: the micro-batches are the accumulation; raise {_KEY}.num_microbatches "
                 "and data.batch_size instead"
             )
-        module = trainer.lightning_module
-        terms = sorted(getattr(module, "_loss_terms", {}))
-        if terms:
-            raise NotImplementedError(
-                f"loss terms {terms} (added by callbacks such as SequenceBalanceLoss) need every layer's router "
-                f"statistics at the loss, which a pipeline spreads over ranks; remove those callbacks from "
-                f"trainer.callbacks with {type(self).__name__}"
-            )
         super().setup(trainer)
 
     @override
@@ -177,16 +169,13 @@ class DualPipeStrategy(ParallelStrategy):
             set_to_none=True
         )  # Lightning zeroes only after training_step; the schedule adds to .grad
         with self.precision_plugin.train_step_context():
-            loss, logs = runner.train_step(tokens)
-        logs = self.mesh.mean_over_replicas({"loss": loss, **logs}, self.root_device)
-        loss = logs.pop("loss")
+            sums, count = runner.train_step(tokens)
+        loss = module.log_train(sums, count)  # the global batch's values, one all-reduce over all processes
         # Lightning zeroes gradients between training_step and backward: keep them aside until backward
         self._grads = {p: p.grad for p in module.parameters() if p.grad is not None}
         for p in self._grads:
             p.grad = None
         device = tokens.device
-        module.log("train/loss", loss.to(device), prog_bar=True)
-        module.log_dict({f"train/{k}": v.to(device) for k, v in logs.items()})
         seq_len = tokens.shape[1] - 1 - module.extra_tokens
         module.flops_per_batch = module.flops_per_token * tokens.shape[0] * seq_len
         return loss.to(device).requires_grad_()

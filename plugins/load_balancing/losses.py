@@ -13,9 +13,15 @@ and differ in what T is:
 
 f counts the routed top-k (the experts actually chosen, with the selection bias), as DeepSeek's
 and most implementations do; s' normalises the unbiased scores over all experts, so it is the same
-for sigmoid and softmax routers. Each loss is a term registered with the LightningModule
-(``register_loss_term``): it reads ``router.last_stats`` of the step's forward and is logged as
-``train/seq_balance_loss`` or ``train/aux_balance_loss``.
+for sigmoid and softmax routers. Each loss is a per-router term registered with the LightningModule
+(``register_loss_term``): every router computes α·Σ f·P from its own forward's statistics and attaches
+it to its layer's output (the core's router_losses.py), so the loss works on one process and under a
+pipeline alike. Logged as ``train/seq_balance_loss`` or ``train/aux_balance_loss``: the sum over the
+MoE layers (and the MTP blocks'), the global batch's value.
+
+In a pipeline or gradient-accumulation micro-batch, T is that micro-batch's tokens (``AuxBalanceLoss``)
+or one of its sequences (``SequenceBalanceLoss``, unchanged by how the batch is cut), as in DeepSeek's
+and Megatron's code.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import lightning as L
 import torch
 from dsv3_lightning.plugins.load_balancing._common import moe_routers
 
-from dsv3_lightning.model.router import RouterStats
+from dsv3_lightning.model.router import Router, RouterStats
 
 
 def balance_loss(stats: RouterStats, num_experts: int, *, per_sequence: bool) -> torch.Tensor:
@@ -53,13 +59,19 @@ class _BalanceLoss(L.Callback):
         self.alpha = alpha
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        routers = moe_routers(pl_module, type(self).__name__)
+        moe_routers(pl_module, type(self).__name__)  # a clear error when there is nothing to balance
         if stage != "fit" or not hasattr(pl_module, "register_loss_term"):
             return
+        if getattr(trainer.precision_plugin, "scaler", None) is not None:
+            raise ValueError(
+                f"trainer.callbacks[{type(self).__name__}] does not support a gradient scaler (trainer.precision "
+                f"{trainer.precision!r}): the balance loss's gradient starts inside each layer, unscaled; use "
+                "precision bf16-mixed or 32"
+            )
+        alpha, per_sequence = self.alpha, self.per_sequence
 
-        def term(module: L.LightningModule) -> torch.Tensor:
-            losses = [balance_loss(r.last_stats, r.num_experts, per_sequence=self.per_sequence) for r in routers]
-            return self.alpha * torch.stack(losses).sum()
+        def term(stats: RouterStats, router: Router) -> torch.Tensor:
+            return alpha * balance_loss(stats, router.num_experts, per_sequence=per_sequence)
 
         pl_module.register_loss_term(self.name, term)
 

@@ -10,8 +10,11 @@
 - A layer × expert heat map of the validation load, load/mean on a log2 colour scale: an image in
   TensorBoard when it is a logger, otherwise ``expert_load_step{N}.png`` in the run's log directory.
 
-Works alone (no balancing) and beside any balancing plugin: it reads ``router.last_stats`` and never
-touches the counts the bias update consumes.
+Works alone (no balancing) and beside any balancing plugin, under every strategy: a batch's load is
+the difference of the routers' running totals (``router.tokens_routed_total``) around the batch, so it
+covers every forward a strategy runs for it (a pipeline's micro-batches, on whichever rank each layer
+lives: the other ranks add zeros), summed over all processes; it never touches the counts the bias
+update consumes.
 """
 
 from __future__ import annotations
@@ -71,8 +74,15 @@ class ExpertLoadMonitor(L.Callback):
         self.layer_ids = [i for i in range(config.num_hidden_layers) if config.is_moe_layer(i)]
         self.val_load = ExpertLoad(len(self.routers), config.n_routed_experts)
 
+    def _totals(self) -> torch.Tensor:
+        return torch.stack([r.tokens_routed_total for r in self.routers])
+
     def _batch_load(self) -> torch.Tensor:
-        return torch.stack([r.last_stats.tokens_per_expert_E for r in self.routers]).float()
+        """Tokens per (layer, expert) routed on this process since ``_start`` (this batch's forwards)."""
+        return (self._totals() - self._start).float()
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
+        self._start = self._totals()
 
     @torch.no_grad()
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
@@ -87,6 +97,9 @@ class ExpertLoadMonitor(L.Callback):
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.val_load.reset()
         self.val_load.to(pl_module.device)
+
+    def on_validation_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
+        self._start = self._totals()
 
     @torch.no_grad()
     def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:

@@ -79,6 +79,14 @@ class MultiTokenPrediction(PredictionHead):
             return self.later_loss_weight
         return self.loss_weight
 
+    def log_names(self, stage: str) -> list[str]:
+        if self.depth == 0:
+            return []
+        names = [f"mtp_loss/depth_{k}" for k in range(1, self.depth + 1)] + ["mtp_loss"]
+        if stage != "train":
+            names += [f"mtp_accuracy/depth_{k}" for k in range(1, self.depth + 1)]
+        return names
+
     def forward(self, hidden_states: torch.Tensor, tokens: torch.Tensor, model: DeepSeekV3, *, stage: str,
                 step: int = 0) -> HeadOutput:
         if self.depth == 0:

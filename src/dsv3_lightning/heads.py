@@ -56,6 +56,13 @@ class PredictionHead(nn.Module):
         """
         raise NotImplementedError
 
+    def log_names(self, stage: str) -> list[str] | None:
+        """The keys of ``HeadOutput.logs`` at ``stage``, fixed for the run, or None when they are only known
+        by running the head. A pipeline, whose other ranks never run the head, reduces the logs in one
+        tensor by these names; with None it learns them from the last stage at the first step (one object
+        collective per run). Override to return them."""
+        return None
+
     def init_args(self) -> dict[str, Any]:
         """The constructor arguments that rebuild this head, stored in checkpoints.
 

@@ -3,8 +3,10 @@
     loss = CE(main head) + Σ heads' losses (MTP ...) + Σ registered loss terms (balance losses ...)
 
 The two extension points are seams, not flags: ``heads`` (``PredictionHead`` modules from YAML) add
-losses computed from the final hidden states, and callbacks add terms computed from anything the
-step left behind (router statistics) with ``register_loss_term``. Nothing here knows a plugin.
+losses computed from the final hidden states, and callbacks add per-router terms computed from each
+MoE layer's routing statistics with ``register_loss_term``. A term is computed in its router's
+forward and reaches the gradient through that layer's output (model/router_losses.py), so it works
+wherever the layer runs (a pipeline stage); its value is logged. Nothing here knows a plugin.
 
 Optimisation follows DeepSeek-V3 (SPEC.md §9): AdamW with β = (0.9, 0.95) and weight decay 0.1
 (not on norms and the embedding), a linear warm-up then cosine decay to ``min_lr_ratio`` of the peak,
@@ -42,11 +44,11 @@ from dsv3_lightning.guard import NonFiniteGuard, check_state
 from dsv3_lightning.heads import PredictionHead, build_head, head_spec
 from dsv3_lightning.model import DeepSeekV3
 from dsv3_lightning.model.materialize import HFCheckpointSource, has_meta_tensors, materialize_
+from dsv3_lightning.model.router import Router
+from dsv3_lightning.model.router_losses import RouterLoss, RouterLosses
 from dsv3_lightning.model.transformer import DecoderLayer
 
 log = logging.getLogger(__name__)
-
-LossTerm = Callable[["DSV3LightningModule"], torch.Tensor]
 
 _BUILD_ON_META: ContextVar[bool] = ContextVar("dsv3_build_on_meta", default=False)
 
@@ -137,7 +139,8 @@ class DSV3LightningModule(L.LightningModule):
                 layer.set_recomputation(recompute_activations)
                 if compile_blocks:
                     layer.compile_blocks()
-        self._loss_terms: dict[str, LossTerm] = {}
+        self.router_losses = RouterLosses()
+        """The registered loss terms, shared with every router (``register_loss_term``)."""
         with torch.device("cpu"):  # never on meta: a metric's defaults are no module tensors to materialise
             self.val_loss = torchmetrics.MeanMetric()
             self.val_accuracy = torchmetrics.MeanMetric()
@@ -159,18 +162,26 @@ class DSV3LightningModule(L.LightningModule):
         """Tokens past ``seq_len + 1`` that the heads need in each window."""
         return max((head.extra_tokens for head in self.heads), default=0)
 
-    def register_loss_term(self, name: str, term: LossTerm) -> None:
-        """Adds ``term(self)`` to every training step's loss, logged as ``train/{name}``.
+    def register_loss_term(self, name: str, term: RouterLoss) -> None:
+        """Adds ``Σ_routers term(stats, router)`` to every training step's loss, logged as ``train/{name}``.
 
-        Called by callbacks (balance losses) in ``setup``; the term runs right after the forward pass,
-        so it can read ``router.last_stats`` of that pass.
+        Called by callbacks (balance losses) in ``setup``. Every router of the model and the heads runs
+        ``term`` on its own forward's ``RouterStats`` right after routing, and the result joins the
+        gradient through that layer (model/router_losses.py): a step on one process and a pipeline
+        schedule get the same gradient, and the logged value is the sum over routers.
         """
-        if name in self._loss_terms:
+        if name in self.router_losses.terms:
             raise ValueError(f"a loss term named {name!r} is already registered")
-        self._loss_terms[name] = term
+        self.router_losses.terms[name] = term
+        for router in self.routers():
+            router.losses = self.router_losses
 
     def remove_loss_term(self, name: str) -> None:
-        self._loss_terms.pop(name, None)
+        self.router_losses.terms.pop(name, None)
+
+    def routers(self) -> list[Router]:
+        """The model's routers in layer order, then the heads' (the MTP modules are MoE blocks too)."""
+        return [m for part in (self.model, self.heads) for m in part.modules() if isinstance(m, Router)]
 
     # ------------------------------------------------------------------ steps
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -192,11 +203,13 @@ class DSV3LightningModule(L.LightningModule):
 
         ``logits`` [B, S, V] and ``hidden`` [B, S, D] (the decoder's outputs before the final norm, which
         the heads read) are the model's for the windows ``tokens`` [B, S + 1 + extra_tokens]. Returns
-        the loss (main CE + each head's loss + each registered loss term) and the detached pieces, named
-        as logged without the ``train/`` prefix (``ce``, the heads' logs, the terms' names). Every way of
-        training calls it: ``training_step`` and a pipeline's last stage (which passes
-        ``loss_terms=False``: the terms read every layer's router, which a pipeline spreads over ranks),
-        so a change to the loss here applies under every strategy.
+        the loss to differentiate (main CE + each head's loss; the registered loss terms are already
+        in the graph, attached by their routers) and the detached pieces, named as logged without the
+        ``train/`` prefix (``ce``, the heads' logs and, with ``loss_terms``, the terms' values since the
+        last forward: ``train_logs`` adds them to the logged total). Every way of training calls it:
+        ``training_step`` and a pipeline's last stage (``loss_terms=False``: the terms' values lie on
+        every stage's rank, and the pipeline collects them after the schedule), so a change to the loss
+        here applies under every strategy.
         """
         _, targets = self._split(tokens)
         ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
@@ -205,21 +218,40 @@ class DSV3LightningModule(L.LightningModule):
             head_out = head(hidden, tokens, self.model, stage="train", step=self.global_step)
             loss = loss + head_out.loss
             logs.update({k: v.detach() for k, v in head_out.logs.items()})
-        for name, term in self._loss_terms.items() if loss_terms else ():
-            value = term(self)
-            loss = loss + value
-            logs[name] = value.detach()
+        if loss_terms:
+            logs.update(self.router_losses.pop(loss.device))
         return loss, logs
 
     def training_step(self, tokens: torch.Tensor, batch_idx: int) -> torch.Tensor:
         inputs, targets = self._split(tokens)
+        accumulation = self._trainer.accumulate_grad_batches if self._trainer is not None else 1
+        self.router_losses.scale = 1.0 / accumulation  # Lightning divides the loss by it: so do the terms
         out = self.model(inputs)
         loss, logs = self.batch_loss(out.logits, out.hidden_states, tokens)
         self.flops_per_batch = self.flops_per_token * targets.numel()
-        # each rank's loss is the mean over its equal share of the global batch: the mean over ranks is the
-        # global batch's value (one small all-reduce per key; nothing when there is one process)
-        self.log("train/loss", loss.detach(), prog_bar=True, sync_dist=True)
-        self.log_dict({f"train/{k}": v for k, v in logs.items()}, sync_dist=True)
+        self.log_train({"loss": loss.detach(), **logs})
+        return loss
+
+    def log_train(self, sums: dict[str, torch.Tensor], count: float = 1.0) -> torch.Tensor:
+        """Logs ``train/{key}`` as the global batch's values, the same on every process: one all-reduce.
+
+        ``sums`` are this process's values summed over the ``count`` equal shares of the batch it computed
+        (``loss`` without the loss terms, which are added to it here); the values of all processes and
+        their counts are summed in one tensor, on the values' device, and divided. A plain step passes
+        its own means (count 1); a pipeline rank its last stages' micro-batch sums (count: how many, 0
+        on the other ranks), with the loss terms summed over its layers. Returns the logged total loss.
+        """
+        keys = list(sums)
+        values = [sums[k].detach().to(torch.float64).reshape(()) for k in keys]
+        total = torch.stack([*values, values[0].new_tensor(count)])
+        if self._trainer is not None and self.trainer.world_size > 1:
+            total = self.trainer.strategy.reduce(total, reduce_op="sum")
+        means = dict(zip(keys, (total[:-1] / total[-1]).float()))
+        for name in self.router_losses.terms:
+            means["loss"] = means["loss"] + means.get(name, 0.0)
+        loss = means.pop("loss")
+        self.log("train/loss", loss, prog_bar=True)
+        self.log_dict({f"train/{k}": v for k, v in means.items()})
         return loss
 
     def validation_step(self, tokens: torch.Tensor, batch_idx: int) -> None:

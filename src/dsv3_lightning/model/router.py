@@ -15,13 +15,21 @@ The selection bias ``e_score_correction_bias`` is a float32 buffer: outside auto
 saved in checkpoints, moved only by a balancing callback. No token is ever dropped.
 
 Statistics seam: every forward leaves a ``RouterStats`` in ``router.last_stats`` (the unbiased scores
-keep their graph, for balance losses) and, in training, adds the tokens-per-expert counts to
+keep their graph) and adds its tokens-per-expert counts to ``router.tokens_routed_total`` (int64,
+every forward, training or evaluation: a reader takes differences around what it measures, e.g. one
+batch, however many forwards a strategy runs for it); in training it also adds them to
 ``router.tokens_per_expert_sum`` until a callback reads and resets them with ``pop_tokens_per_expert``
 (summing over gradient-accumulation micro-batches is then automatic).
+
+Loss seam: ``router.losses`` (router_losses.py, shared by the LightningModule's routers) computes the
+registered balance terms from each training forward's statistics and attaches them to the gate
+weights, so that every layer gets its term's gradient wherever it runs.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv3_lightning.config import ModelConfig
+from dsv3_lightning.model.router_losses import RouterLosses
 
 
 def _recomputing() -> bool:
@@ -68,7 +77,14 @@ class Router(nn.Module):
         self.register_buffer(
             "tokens_per_expert_sum", torch.zeros(c.n_routed_experts, dtype=torch.float32), persistent=False
         )
+        self.register_buffer(
+            "tokens_routed_total", torch.zeros(c.n_routed_experts, dtype=torch.int64), persistent=False
+        )
         self.last_stats: RouterStats | None = None
+        self.recording = True
+        """False: forwards leave no counts and no loss terms (``statistics_paused``)."""
+        self.losses: RouterLosses | None = None
+        """The module's loss terms (set by ``DSV3LightningModule.register_loss_term``); None: none."""
 
     def _apply(self, fn, recurse=True):
         # Keep the bias and the counts in float32, unrounded, when the model is cast (model.bfloat16()):
@@ -77,13 +93,14 @@ class Router(nn.Module):
         super()._apply(fn, recurse)
         for name, old in kept.items():
             new = self._buffers[name]
-            if new.dtype != torch.float32:
+            if new.dtype != old.dtype:
                 self._buffers[name] = old.to(device=new.device)
         return self
 
     def reset_buffers(self, device: torch.device) -> None:
         """Zeroes the step counts on ``device`` (the selection bias is state: loaded, never reset here)."""
         self.tokens_per_expert_sum = torch.zeros_like(self.tokens_per_expert_sum, device=device)
+        self.tokens_routed_total = torch.zeros_like(self.tokens_routed_total, device=device)
 
     def scores(self, x_TD: torch.Tensor) -> torch.Tensor:
         logits = F.linear(x_TD.float(), self.weight.float())
@@ -112,9 +129,14 @@ class Router(nn.Module):
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
         weights = weights * self.routed_scaling_factor
         counts = torch.bincount(topk_ids.flatten(), minlength=self.num_experts)
-        if self.training and not _recomputing():
-            self.tokens_per_expert_sum += counts
-        self.last_stats = RouterStats(scores, topk_ids, counts, tuple(x_BSD.shape[:-1]))
+        stats = RouterStats(scores, topk_ids, counts, tuple(x_BSD.shape[:-1]))
+        if self.recording and not _recomputing():
+            self.tokens_routed_total += counts
+            if self.training:
+                self.tokens_per_expert_sum += counts
+                if self.losses and torch.is_grad_enabled():
+                    weights = self.losses.attach(self, stats, weights)
+        self.last_stats = stats
         return topk_ids, weights
 
     @torch.no_grad()
@@ -123,3 +145,17 @@ class Router(nn.Module):
         counts = self.tokens_per_expert_sum.clone()
         self.tokens_per_expert_sum.zero_()
         return counts
+
+
+@contextmanager
+def statistics_paused(module: nn.Module) -> Iterator[None]:
+    """Forwards of ``module``'s routers within leave no statistics (counts, loss terms): for forwards
+    that are not part of training or evaluation, such as a pipeline stage's shape inference."""
+    routers = [m for m in module.modules() if isinstance(m, Router)]
+    for router in routers:
+        router.recording = False
+    try:
+        yield
+    finally:
+        for router in routers:
+            router.recording = True

@@ -9,7 +9,7 @@ import lightning as L
 import pytest
 import torch
 from dsv3_lightning.plugins.dualpipe import DualPipeStrategy
-from dsv3_lightning.plugins.load_balancing import SequenceBalanceLoss
+from dsv3_lightning.plugins.load_balancing import AuxLossFreeBalancing, ExpertLoadMonitor, SequenceBalanceLoss
 from dualpipe_tiny import (
     assert_trained_alike,
     last,
@@ -105,11 +105,30 @@ def test_refusals_name_the_key_and_the_fix(tmp_path):
         DualPipeStrategy(2, 3, "dualpipev")
     with pytest.raises(RuntimeError, match="no pipeline before Trainer setup"):
         DualPipeStrategy(2, 4)._runner()
-    # raised in the pipeline processes at setup; the launcher re-raises it with the original message
-    with pytest.raises(
-        Exception, match=r"NotImplementedError: loss terms \['seq_balance_loss'\].*remove those callbacks"
-    ):
-        fit(tmp_path, "dualpipev", callbacks=[SequenceBalanceLoss(1e-4)])
+
+
+def _balancing():
+    return [AuxLossFreeBalancing(1e-2), SequenceBalanceLoss(1e-2), ExpertLoadMonitor(heatmap=False)]
+
+
+@pytest.fixture(scope="module")
+def single_balanced(tmp_path_factory):
+    return fit(tmp_path_factory.mktemp("single_balanced"), None, callbacks=_balancing())[1]
+
+
+@pytest.mark.parametrize("schedule", ["dualpipev", "zb"])
+def test_balance_loss_and_load_metrics_are_the_global_batch_values(schedule, single_balanced, tmp_path):
+    """The sequence-wise loss (its layers on both ranks, its gradient started in each layer), the bias
+    update and the load monitor under a pipeline log what one process logs on the same batch, and train
+    alike (alpha 1e-2, 100x V3's, so that the loss's gradient shows in the losses)."""
+    _, got = fit(tmp_path, schedule, callbacks=_balancing())
+    keys = ["train/loss", "train/ce", "train/seq_balance_loss", "train/max_vio", "train/bias_abs_mean",
+            "val/loss", "val/max_vio"]
+    for key in keys:
+        assert got[key].keys() == single_balanced[key].keys(), key
+        for step, want in single_balanced[key].items():
+            assert got[key][step] == pytest.approx(want, rel=1e-5), (key, step)
+    assert min(single_balanced["train/seq_balance_loss"].values()) > 0
 
 
 def test_processes_must_fill_whole_pipelines():
