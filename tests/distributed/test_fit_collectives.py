@@ -33,8 +33,7 @@ SMALL = ["--model.config.num_hidden_layers", "4", "--data.batch_size", "4"]
 STRATEGIES = {
     "ddp": (None, ["--trainer.devices", "2", "--trainer.strategy", "ddp"]),
     "expert_parallel": ("configs/ablations/expert_parallel/ep2.yaml", ["--trainer.strategy.timeout", "120"]),
-    # DualPipe's file keeps tiny.yaml's callbacks but SequenceBalanceLoss and ExpertLoadMonitor,
-    # which it refuses (they need every stage's routers): issue 16.
+    # every strategy with all of tiny.yaml's callbacks (the sequence-wise loss, the load monitor ...)
     "dualpipev": ("configs/ablations/dualpipe/dualpipev_pp2.yaml", ["--trainer.strategy.timeout", "120"]),
 }
 
@@ -70,5 +69,4 @@ def test_fit_validates_and_checkpoints_on_two_processes(tmp_path, corpus, strate
     assert val_steps == [1, 3, 5], val_steps  # three validations, each logged once
     checkpoints = {p.name for p in (version / "checkpoints").iterdir()}
     assert "last.ckpt" in checkpoints and len(checkpoints) >= 2, checkpoints
-    if strategy != "dualpipev":
-        assert len(list(version.glob("expert_load_step*.png"))) == 3  # ExpertLoadMonitor's heat maps
+    assert len(list(version.glob("expert_load_step*.png"))) == 3  # ExpertLoadMonitor's heat maps

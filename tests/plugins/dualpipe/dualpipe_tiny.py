@@ -18,6 +18,7 @@ from dsv3_lightning.sharded_checkpoint_io import ShardedCheckpointIO, read_light
 from dsv3_lightning.plugins.mtp import MultiTokenPrediction
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from torch.utils.data import Sampler
 
 from dsv3_lightning import preset
 from dsv3_lightning.module import DSV3LightningModule
@@ -43,7 +44,9 @@ SHAPE = {
 SEQ = 8
 
 
-def make_module(num_hidden_layers: int = 4, mtp: bool = True, **changes) -> DSV3LightningModule:
+def make_module(
+    num_hidden_layers: int = 4, mtp: bool = True, *, recompute: bool = False, **changes
+) -> DSV3LightningModule:
     torch.manual_seed(0)
     heads = [MultiTokenPrediction(depth=1, loss_weight=0.3)] if mtp else []
     return DSV3LightningModule(
@@ -51,6 +54,7 @@ def make_module(num_hidden_layers: int = 4, mtp: bool = True, **changes) -> DSV3
         heads,
         warmup_steps=0,
         learning_rate=1e-2,
+        recompute_activations=recompute,
     )
 
 
@@ -75,7 +79,9 @@ def reference(module: DSV3LightningModule, tokens: torch.Tensor, num_microbatche
     return torch.stack(losses), grads
 
 
-def make_trainer(root: Path, devices: int, strategy, *, max_steps: int, callbacks=(), **kwargs) -> L.Trainer:
+def make_trainer(
+    root: Path, devices: int, strategy, *, max_steps: int, callbacks=(), plugins=(), **kwargs
+) -> L.Trainer:
     """The Trainer of these tests: CPU, CSV logs and a checkpoint per epoch under ``root``, clipping by
     norm at 0.05, the test's own samplers (``use_distributed_sampler=False``)."""
     return L.Trainer(
@@ -91,10 +97,30 @@ def make_trainer(root: Path, devices: int, strategy, *, max_steps: int, callback
         num_sanity_val_steps=0,
         gradient_clip_val=0.05,
         use_distributed_sampler=False,
-        plugins=[ShardedCheckpointIO()] if strategy in (None, "auto") else None,  # one process reads a mesh's
+        plugins=[*([ShardedCheckpointIO()] if strategy in (None, "auto") else []), *plugins] or None,
         callbacks=[ModelCheckpoint(dirpath=root / "ckpt", save_top_k=-1, every_n_epochs=1), *callbacks],
         **kwargs,
     )
+
+
+class ReplicaSampler(Sampler[int]):
+    """Windows r, r + n, ... for replica r of n as the strategy's ``distributed_sampler_kwargs`` say (read
+    when iterating, inside the launched process): Lightning's own distributed sampler would shuffle the
+    training windows, which the single process's plain loader does not."""
+
+    def __init__(self, length: int, strategy: DualPipeStrategy | None) -> None:
+        self.length, self.strategy = length, strategy
+
+    def _replica(self) -> tuple[int, int]:
+        kwargs = self.strategy.distributed_sampler_kwargs if self.strategy else {"rank": 0, "num_replicas": 1}
+        return kwargs["rank"], kwargs["num_replicas"]
+
+    def __iter__(self):
+        rank, replicas = self._replica()
+        return iter(range(rank, self.length, replicas))
+
+    def __len__(self) -> int:
+        return self.length // self._replica()[1]
 
 
 def read_checkpoint(path: Path) -> dict:

@@ -9,6 +9,7 @@ import pytest
 import torch
 from dsv3_lightning.plugins.dualpipe import DualPipeStrategy
 from dualpipe_tiny import (
+    ReplicaSampler,
     assert_trained_alike,
     last,
     make_module,
@@ -17,30 +18,10 @@ from dualpipe_tiny import (
     metrics,
     read_checkpoint,
 )
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 
 WINDOWS = make_tokens(16, seed=1)  # 2 global batches of 8 per epoch
 GLOBAL_BATCH = 8
-
-
-class ReplicaSampler(Sampler[int]):
-    """Windows r, r + n, ... for replica r of n as the strategy's ``distributed_sampler_kwargs`` say (read
-    when iterating, inside the launched process): Lightning's own distributed sampler would shuffle the
-    training windows, which the single process's plain loader does not."""
-
-    def __init__(self, length: int, strategy: DualPipeStrategy | None) -> None:
-        self.length, self.strategy = length, strategy
-
-    def _replica(self) -> tuple[int, int]:
-        kwargs = self.strategy.distributed_sampler_kwargs if self.strategy else {"rank": 0, "num_replicas": 1}
-        return kwargs["rank"], kwargs["num_replicas"]
-
-    def __iter__(self):
-        rank, replicas = self._replica()
-        return iter(range(rank, self.length, replicas))
-
-    def __len__(self) -> int:
-        return self.length // self._replica()[1]
 
 
 class ExpertsPerRank(L.Callback):
