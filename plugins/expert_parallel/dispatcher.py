@@ -20,8 +20,12 @@ Both all-to-alls are differentiable (``all_to_all.py``). With ``fp8=True`` the d
 1x128-tile E4M3 values and their float32 scales (SPEC.md §6.3: DeepSeek-V3 dispatches in FP8 and
 combines in BF16); the backward of that dispatch and the combine stay in the activations' dtype. The
 copies of one token are sent once per expert, not once per rank (DeepSeek's kernels deduplicate
-copies bound to the same node; this dispatcher does not): bytes moved = N·D·bytes, the benchmark's
-"minimum".
+copies bound to the same node; this dispatcher does not, ``two_hop.py``'s does): bytes moved =
+N·D·bytes, the benchmark's "minimum".
+
+``ranks_per_node`` (optional) only feeds a counter: ``last_internode_bytes``, the bytes of the copies
+sent to ranks of other nodes (rank e is on node e // ranks_per_node), which two_hop.py's dispatcher
+reports for its inter-node hop, so that a benchmark can compare the two.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from dsv3_lightning.model.moe import gather_copies
 from dsv3_lightning.plugins.expert_parallel.all_to_all import Comm, all_to_all, all_to_all_counts
 
@@ -47,16 +52,47 @@ class AllToAllPlan:
 class AllToAllTokenDispatcher:
     """Sends token copies to the ranks of their experts and the outputs back (one MoE layer)."""
 
-    def __init__(self, comm: Comm, num_experts: int, expert_parallel_size: int, *, fp8: bool = False) -> None:
+    def __init__(
+        self,
+        comm: Comm,
+        num_experts: int,
+        expert_parallel_size: int,
+        *,
+        fp8: bool = False,
+        ranks_per_node: int | None = None,
+    ) -> None:
         assert num_experts % expert_parallel_size == 0, "checked by the strategy"
         self.comm = comm
         self.num_experts = num_experts
         self.expert_parallel_size = expert_parallel_size
         self.num_local_experts = num_experts // expert_parallel_size
         self.fp8 = fp8
+        self.ranks_per_node = ranks_per_node
+        """Consecutive expert ranks per node, for ``last_internode_bytes`` only (None: one node)."""
         self.last_dispatch_bytes = self.last_combine_bytes = 0
         """Bytes of token copies this rank sent in the last dispatch / combine, its own share included
         (the benchmark's count; the count exchange, E·8 bytes, is left out)."""
+        self.last_internode_rows = self.last_internode_bytes = 0
+        """Rows (token copies) and their bytes that the last dispatch sent to ranks on other nodes."""
+        self._expert_rank: int | None = None
+
+    def _bytes_per_row(self, x_ND: torch.Tensor) -> int:
+        if self.fp8:
+            from dsv3_lightning.plugins.expert_parallel.fp8_dispatch import fp8_bytes_per_row
+
+            return fp8_bytes_per_row(x_ND.shape[1])
+        return x_ND.shape[1] * x_ND.element_size()
+
+    def _count_internode(self, send_splits: list[int], bytes_per_row: int) -> None:
+        r = self.ranks_per_node
+        if r is None or r >= self.expert_parallel_size:
+            self.last_internode_rows = 0
+        else:
+            if self._expert_rank is None:
+                self._expert_rank = dist.get_rank(self.comm.group)
+            node = self._expert_rank // r
+            self.last_internode_rows = sum(n for rank, n in enumerate(send_splits) if rank // r != node)
+        self.last_internode_bytes = self.last_internode_rows * bytes_per_row
 
     def dispatch(
         self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, num_experts: int
@@ -72,13 +108,13 @@ class AllToAllTokenDispatcher:
         recv_splits = recv_counts_RL.sum(1).tolist()
         x_sent = gather_copies(x_TD, order, top_k)
         if self.fp8:  # the FP8 plugin is imported only by runs that ask for it
-            from dsv3_lightning.plugins.expert_parallel.fp8_dispatch import fp8_all_to_all, fp8_bytes_per_row
+            from dsv3_lightning.plugins.expert_parallel.fp8_dispatch import fp8_all_to_all
 
             x_recv = fp8_all_to_all(x_sent, recv_splits, send_splits, self.comm)
-            self.last_dispatch_bytes = x_sent.shape[0] * fp8_bytes_per_row(x_sent.shape[1])
         else:
             x_recv = all_to_all(x_sent, recv_splits, send_splits, self.comm, "dispatch all-to-all")
-            self.last_dispatch_bytes = x_sent.numel() * x_sent.element_size()
+        self.last_dispatch_bytes = x_sent.shape[0] * self._bytes_per_row(x_sent)
+        self._count_internode(send_splits, self._bytes_per_row(x_sent))
         local_ids = torch.arange(L, device=x_TD.device).repeat(R).repeat_interleave(recv_counts_RL.flatten())
         regroup = local_ids.argsort(stable=True)
         plan = AllToAllPlan(order, regroup.argsort(), send_splits, recv_splits, x_TD.shape[0])
@@ -88,6 +124,7 @@ class AllToAllTokenDispatcher:
         y_by_source = y_MD[plan.inverse_regroup_M]
         y_sorted = all_to_all(y_by_source, plan.send_splits, plan.recv_splits, self.comm, "combine all-to-all")
         self.last_combine_bytes = y_by_source.numel() * y_by_source.element_size()
-        y_NKD = y_sorted[plan.order_N.argsort()].view(plan.num_tokens, -1, y_MD.shape[-1])
+        top_k = topk_weights_TK.shape[1]  # not -1 in the view: a rank may have no tokens
+        y_NKD = y_sorted[plan.order_N.argsort()].view(plan.num_tokens, top_k, y_MD.shape[-1])
         weights = topk_weights_TK.to(y_MD.dtype).unsqueeze(1)  # [T, 1, K]
         return torch.bmm(weights, y_NKD).squeeze(1)

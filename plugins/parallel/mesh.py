@@ -12,6 +12,9 @@
   the pipeline (its *replica*, ``replica_rank``), which reads its own slice of the global batch.
 - **pp**: the P ranks of one pipeline, in position order (the schedule's point-to-point messages,
   parameters that several positions share, the pipeline's logs).
+- **node groups** (only for a two-hop dispatch, ``dispatcher(..., ranks_per_node=r)``): each expert
+  group cut into E / r nodes of r consecutive ranks; *intra* is this rank's node, *inter* the ranks
+  with this rank's local index on every node of its expert group (expert_parallel/two_hop.py).
 
 p is the slowest index so that the all-to-all, the heaviest traffic, runs among consecutive ranks
 while a pipeline's activations cross nodes. Every group carries the strategy's timeout (torch's
@@ -22,7 +25,7 @@ seconds instead of hanging. The strategy owns the mesh; there is no module-level
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch
@@ -30,6 +33,7 @@ import torch.distributed as dist
 from dsv3_lightning.plugins.expert_parallel.all_to_all import Comm, collective
 from dsv3_lightning.plugins.expert_parallel.dispatcher import AllToAllTokenDispatcher
 from dsv3_lightning.plugins.expert_parallel.sharding import ExpertShard, shard_experts
+from dsv3_lightning.plugins.expert_parallel.two_hop import NodeDedupTokenDispatcher, check_ranks_per_node
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
@@ -77,6 +81,7 @@ class ParallelMesh:
     block_mesh: DeviceMesh
     """The flattened ("dp", "ep") sub-mesh: the E·D ranks at this rank's pipeline position."""
     timeout_s: float
+    _node_groups: dict[int, tuple[dist.ProcessGroup, dist.ProcessGroup]] = field(default_factory=dict, repr=False)
 
     @classmethod
     def create(
@@ -153,10 +158,42 @@ class ParallelMesh:
         """``group`` with this run's timeout, for collectives that fail with a clear error."""
         return Comm(group, self.timeout_s, where)
 
-    def dispatcher(self, name: str, num_experts: int, *, fp8: bool = False) -> AllToAllTokenDispatcher:
-        """MoE layer ``name``'s token dispatcher: an all-to-all over "ep" (the one builder)."""
+    def node_groups(self, ranks_per_node: int) -> tuple[dist.ProcessGroup, dist.ProcessGroup]:
+        """(inter, intra): this rank's groups when every expert group is cut into nodes of
+        ``ranks_per_node`` consecutive ranks (see the module docstring). Built on the first call for a
+        given ``ranks_per_node``, with this mesh's timeout; that call is collective: every rank of the
+        world must make it, in the same order (``shard_experts`` builds every MoE layer's dispatcher on
+        every rank, so the first dispatcher does)."""
+        if ranks_per_node not in self._node_groups:
+            E, r = self.expert_parallel_size, ranks_per_node
+            assert 1 < r < E and E % r == 0, "checked by dispatcher()"
+            expert_groups = self.device_mesh.mesh.reshape(-1, E)  # global ranks, one row per expert group
+            nodes = expert_groups.reshape(-1, E // r, r)  # [group, node, local index]
+            timeout = timedelta(seconds=self.timeout_s)
+            intra, _ = dist.new_subgroups_by_enumeration(nodes.reshape(-1, r).tolist(), timeout=timeout)
+            inter, _ = dist.new_subgroups_by_enumeration(nodes.transpose(1, 2).reshape(-1, E // r).tolist(), timeout=timeout)
+            self._node_groups[r] = (inter, intra)
+        return self._node_groups[ranks_per_node]
+
+    def dispatcher(
+        self, name: str, num_experts: int, *, fp8: bool = False, ranks_per_node: int | None = None
+    ) -> AllToAllTokenDispatcher:
+        """MoE layer ``name``'s token dispatcher (the one builder): an all-to-all over "ep", or, when
+        ``ranks_per_node`` cuts the expert group into several nodes (1 < ranks_per_node < E), the
+        two-hop dispatch that sends a token once per node (``NodeDedupTokenDispatcher``). Otherwise
+        ``ranks_per_node`` only feeds the one-hop dispatcher's node-crossing counter."""
+        E = self.expert_parallel_size
         comm = self.comm(self.expert_group, f"layer {name}")
-        return AllToAllTokenDispatcher(comm, num_experts, self.expert_parallel_size, fp8=fp8)
+        if ranks_per_node is not None:
+            check_ranks_per_node(E, ranks_per_node)
+        if ranks_per_node is None or not 1 < ranks_per_node < E:
+            return AllToAllTokenDispatcher(comm, num_experts, E, fp8=fp8, ranks_per_node=ranks_per_node)
+        inter, intra = self.node_groups(ranks_per_node)
+        return NodeDedupTokenDispatcher(
+            self.comm(inter, f"layer {name} (inter-node hop)"),
+            self.comm(intra, f"layer {name} (intra-node hop)"),
+            num_experts, E, ranks_per_node, self.expert_rank, fp8=fp8,
+        )
 
     def shard_experts(
         self, module: nn.Module, make_dispatcher: Callable[[str, int], object] | None = None

@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 from dsv3_lightning.plugins.expert_parallel.dispatcher import AllToAllTokenDispatcher
 from dsv3_lightning.plugins.expert_parallel.node_limited import apply_node_limit, node_groups
+from dsv3_lightning.plugins.expert_parallel.two_hop import check_ranks_per_node
 from dsv3_lightning.plugins.expert_parallel.sharding import (
     ExpertShard,
     full_optimizer_state,
@@ -99,7 +100,11 @@ class ParallelStrategy(DDPStrategy):
         max_nodes_per_token: Node-limited routing: each token's experts on at most this many nodes
             (DeepSeek-V3: 4). It sets every router's ``n_group`` / ``topk_group`` to the nodes and M
             (node_limited.py), or checks that the model's already are. None leaves routing as configured.
-        ranks_per_node: Expert ranks per node for node-limited routing; default ``trainer.devices``.
+        ranks_per_node: Expert ranks per node (consecutive ranks; must divide expert_parallel_size, or be
+            a multiple of it). Node-limited routing's nodes (unset: ``trainer.devices``). When set and it
+            cuts an expert group into several nodes (1 < ranks_per_node < expert_parallel_size), tokens
+            are dispatched in two hops as DeepSeek-V3: once to each node, then inside it
+            (expert_parallel/two_hop.py); unset, or 1, or >= expert_parallel_size: one all-to-all.
         fp8_dispatch: Send the dispatched activations as 1x128-tile FP8 (E4M3) with float32 scales,
             as DeepSeek-V3 does; combine and all gradients stay in the activations' dtype.
         zero1: Shard the optimizer state and float32 master weights over data parallelism, as
@@ -144,6 +149,8 @@ class ParallelStrategy(DDPStrategy):
             raise ValueError(f"{KEY}.timeout ({timeout}) must be a positive number of seconds")
         if max_nodes_per_token is not None and max_nodes_per_token < 1:
             raise ValueError(f"{KEY}.max_nodes_per_token ({max_nodes_per_token}) must be >= 1 (or null: off)")
+        if ranks_per_node is not None:
+            check_ranks_per_node(expert_parallel_size, ranks_per_node)
         kwargs.setdefault("checkpoint_io", ShardedCheckpointIO())  # reads both formats, removes directories
         super().__init__(start_method=start_method, timeout=timedelta(seconds=timeout), **kwargs)
         self.expert_parallel_size = expert_parallel_size
@@ -199,8 +206,9 @@ class ParallelStrategy(DDPStrategy):
         return {"num_replicas": replicas, "rank": self.global_rank % replicas}
 
     def make_dispatcher(self, name: str, num_experts: int) -> AllToAllTokenDispatcher:
-        """The token dispatcher of MoE layer ``name`` (override for another dispatch)."""
-        return self.mesh.dispatcher(name, num_experts, fp8=self.fp8_dispatch)
+        """The token dispatcher of MoE layer ``name`` (override for another dispatch): two hops when
+        ``ranks_per_node`` was set and cuts the expert group into nodes (never from the default)."""
+        return self.mesh.dispatcher(name, num_experts, fp8=self.fp8_dispatch, ranks_per_node=self.ranks_per_node)
 
     @override
     def _configure_launcher(self) -> None:
