@@ -28,8 +28,8 @@ combine is the reverse, with partial sums on the way back, as DeepSeek's combine
     out_TD          = Σ over the G nodes of the rows back from hop 1       (fixed order)
 
 Exactness: the sum over a token's K expert outputs is grouped by rank, then node, so it differs from
-the one-hop dispatcher's single bmm over K by float32 rounding only (tested: 1e-6 relative; equal
-whenever a token's experts lie on one rank). Each sum is a reduction over a padded dimension, and
+the one-hop dispatcher's single bmm over K by float32 rounding only (tested to 1e-6 relative; 1.1e-7
+seen). Each sum is a reduction over a padded dimension, and
 every index write is a permutation (``gather_copies``, ``index_copy``), so runs are deterministic.
 Both hops are the differentiable ``all_to_all`` of all_to_all.py, with its error handling; ids and
 counts travel by ``exchange`` / ``all_to_all_counts``. Per dispatch: 6 collectives (counts, rows, ids
@@ -178,7 +178,9 @@ class NodeDedupTokenDispatcher(AllToAllTokenDispatcher):
         self.last_internode_rows = len(slots1) - send1[self.node]
         self.last_internode_bytes = self.last_internode_rows * row_bytes
         self.last_metadata_bytes = (len(slots1) + len(slots2)) * top_k * ids2.element_size()
-        plan = TwoHopPlan(slots1, send1, recv1, slots2, send2, recv2, copy_slots, num_tokens, len(ids1), len(ids2))
+        plan = TwoHopPlan(
+            slots1, send1, recv1, slots2, send2, recv2, copy_slots, num_tokens, len(ids1), len(ids2)
+        )
         return gather_copies(x2, copy_slots, top_k), tokens_per_expert, plan
 
     def combine(self, y_ND: torch.Tensor, topk_weights_TK: torch.Tensor, plan: TwoHopPlan) -> torch.Tensor:
@@ -188,8 +190,10 @@ class NodeDedupTokenDispatcher(AllToAllTokenDispatcher):
         hidden, top_k = y_ND.shape[-1], topk_weights_TK.shape[1]
         # the gate weights to the rows' ranks (K per row), the way the tokens went
         w = topk_weights_TK.to(y_ND.dtype)
-        w1 = all_to_all(gather_copies(w, plan.node_slots_S1, G), plan.recv1, plan.send1, inter, "inter-node combine weights")
-        w2 = all_to_all(gather_copies(w1, plan.rank_slots_S2, r), plan.recv2, plan.send2, intra, "intra-node combine weights")
+        w1 = gather_copies(w, plan.node_slots_S1, G)
+        w1 = all_to_all(w1, plan.recv1, plan.send1, inter, "inter-node combine weights")
+        w2 = gather_copies(w1, plan.rank_slots_S2, r)
+        w2 = all_to_all(w2, plan.recv2, plan.send2, intra, "intra-node combine weights")
         # per received hop-2 row: its slots' outputs (zero where the expert is elsewhere), weighted, summed
         slots_M2KD = y_ND.new_zeros(plan.num_rows2 * top_k, hidden).index_copy(0, plan.copy_slots_N, y_ND)
         partial2 = torch.bmm(w2.unsqueeze(1), slots_M2KD.view(plan.num_rows2, top_k, hidden)).squeeze(1)

@@ -171,7 +171,8 @@ class ParallelMesh:
             nodes = expert_groups.reshape(-1, E // r, r)  # [group, node, local index]
             timeout = timedelta(seconds=self.timeout_s)
             intra, _ = dist.new_subgroups_by_enumeration(nodes.reshape(-1, r).tolist(), timeout=timeout)
-            inter, _ = dist.new_subgroups_by_enumeration(nodes.transpose(1, 2).reshape(-1, E // r).tolist(), timeout=timeout)
+            same_index = nodes.transpose(1, 2).reshape(-1, E // r)  # one local index across the nodes
+            inter, _ = dist.new_subgroups_by_enumeration(same_index.tolist(), timeout=timeout)
             self._node_groups[r] = (inter, intra)
         return self._node_groups[ranks_per_node]
 

@@ -26,7 +26,8 @@ def routing(rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return torch.empty(0, D), torch.empty(0, K, dtype=torch.long), torch.empty(0, K)
     g = torch.Generator().manual_seed(rank)
     ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(9)])
-    crafted = torch.tensor([[0, 1, 2], [2, 3, 0], [7, 4, 6], [5, 1, 6], [3, 4, 0]])  # node 0, 0, 1, both, both
+    # experts on node 0, node 0, node 1, both, both
+    crafted = torch.tensor([[0, 1, 2], [2, 3, 0], [7, 4, 6], [5, 1, 6], [3, 4, 0]])
     ids = torch.cat([ids, crafted])
     return torch.randn(len(ids), D, generator=g), ids, torch.rand(len(ids), K, generator=g)
 
@@ -61,12 +62,15 @@ def compare(rank: int, world: int):
     mesh = ParallelMesh.create(1, R, 30.0)
     two = mesh.dispatcher("test", E, ranks_per_node=PER_NODE)
     one = AllToAllTokenDispatcher(Comm(mesh.expert_group, 30.0, "test"), E, R, ranks_per_node=PER_NODE)
-    assert isinstance(two, NodeDedupTokenDispatcher) and mesh.dispatcher("x", E, ranks_per_node=PER_NODE).comm.group is two.comm.group
+    assert isinstance(two, NodeDedupTokenDispatcher)
+    assert mesh.dispatcher("x", E, ranks_per_node=PER_NODE).comm.group is two.comm.group  # groups made once
     want, got = through(one, rank), through(two, rank)
-    counters = (one.last_internode_rows, two.last_internode_rows, one.last_internode_bytes, two.last_internode_bytes)
+    counters = (one.last_internode_rows, two.last_internode_rows)
+    counters += (one.last_internode_bytes, two.last_internode_bytes)
     two.comm.overlap = recorder = Recorder()
     again = through(two, rank)
-    fp8 = [through(d, rank) for d in (AllToAllTokenDispatcher(one.comm, E, R, fp8=True), mesh.dispatcher("f", E, fp8=True, ranks_per_node=PER_NODE))]
+    fp8_one = AllToAllTokenDispatcher(one.comm, E, R, fp8=True)
+    fp8 = [through(d, rank) for d in (fp8_one, mesh.dispatcher("f", E, fp8=True, ranks_per_node=PER_NODE))]
     return want, got, counters, again, recorder.seen, fp8
 
 
