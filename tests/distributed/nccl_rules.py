@@ -73,16 +73,12 @@ TORCH = Path(torch.__file__).resolve().parent
 HOST = "_nccl_host"
 """Attribute of a tensor made on the host: the file:line that made it."""
 
-COLLECTIVES = (
-    "all_reduce", "all_reduce_coalesced", "all_gather", "all_gather_coalesced", "all_gather_into_tensor",
-    "_all_gather_base", "reduce_scatter", "reduce_scatter_tensor", "_reduce_scatter_base", "all_to_all",
-    "all_to_all_single", "broadcast", "reduce", "gather", "scatter", "barrier", "monitored_barrier",
-)
+NOT_COMMUNICATION = ("get_", "is_", "new_", "init_", "destroy_", "split_", "shrink_", "supports_", "record_")
+"""Prefixes of the functions in ``distributed_c10d.__all__`` that move no data; every other function
+there is wrapped, so that a collective torch adds (2.13's ``reduce_scatter_single``) is seen."""
 P2P = ("send", "recv", "isend", "irecv", "batch_isend_irecv")
-OBJECTS = (
-    "all_gather_object", "broadcast_object_list", "gather_object", "scatter_object_list",
-    "send_object_list", "recv_object_list", "broadcast_object",
-)
+LEGACY = ("_all_gather_base", "_reduce_scatter_base", "broadcast_object")
+"""Older or private names still callable."""
 FUNCTIONAL = (
     "all_reduce", "all_reduce_coalesced", "all_gather_tensor", "all_gather_tensor_autograd",
     "all_gather_into_tensor_coalesced", "reduce_scatter_tensor", "reduce_scatter_tensor_autograd",
@@ -180,7 +176,7 @@ class Recorder:
                 if t.device != self.root_device:
                     call.violations.append(Violation("a", f"{op}: a tensor on {t.device}, not the root device {self.root_device}"))
                 elif made:
-                    call.violations.append(Violation("a", f"{op}: a tensor made on the host at {made} (no device=): "
+                    call.violations.append(Violation("a", f"{op}: a tensor made on the host at {made}: "
                                                           "a CPU tensor on a GPU, which NCCL refuses"))
         tags = [tag] + [o.tag for o in p2p_ops if not getattr(o, "_nccl_reported", False)]
         if any(tags):
@@ -321,10 +317,16 @@ def _wrap(kind: str, op: str, original):
     return wrapper
 
 
+def _kind(name: str) -> str:
+    return "object" if "object" in name else "p2p" if name in P2P else "collective"
+
+
 def _targets() -> list[tuple[Any, str, str]]:
-    out = [(mod, name, "collective") for mod in (dist, c10d) for name in COLLECTIVES]
-    out += [(mod, name, "p2p") for mod in (dist, c10d) for name in P2P]
-    out += [(mod, name, "object") for mod in (dist, c10d) for name in OBJECTS]
+    names = [
+        n for n in (*c10d.__all__, *LEGACY)
+        if not n.startswith(NOT_COMMUNICATION) and n != "reduce_op" and inspect.isfunction(getattr(c10d, n, None))
+    ]
+    out = [(mod, name, _kind(name)) for mod in (dist, c10d) for name in names]
     out += [(funcol, name, "functional") for name in FUNCTIONAL]
     out += [(dist_nn, name, "functional") for name in DIST_NN]
     return [(m, n, k) for m, n, k in out if hasattr(m, n)]
