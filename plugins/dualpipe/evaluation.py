@@ -1,12 +1,18 @@
 """Validation and test through the pipeline: a plain forward of the first chain, no schedule.
 
 Evaluation has no backward to hide bubbles behind, so it runs each window batch through the pieces of
-the first chain in order (stage s's rank receives h from stage s-1's rank, tagged, unless both stages
-are on one rank as at DualPipeV's turn). The rank of the last piece computes what
+the first chain in order (stage s's rank receives h from stage s-1's rank, unless both stages are on
+one rank as at DualPipeV's turn). The rank of the last piece computes what
 ``DSV3LightningModule._evaluate`` computes: per-token CE and top-1 hits into the module's torchmetrics
 (which the other ranks update with nothing, so that the epoch-end sync sums every rank), and the
 heads' evaluation logs, which it broadcasts (one tensor; their names once) so that every rank logs
 the same values.
+
+The hand-overs carry no tag (NCCL ignores tags and matches a pair's messages in posting order): only
+one rank computes at a time, each rank posts its receive before the send that answers it can be made,
+and two ranks exchange at most one message per direction per batch (a linear chain or the first of
+``dualpipe``'s two: r to r+1 only; the V: r to r+1 on the way down, r+1 to r on the way up), so the
+k-th send from A to B always meets the k-th receive on B from A.
 """
 
 from __future__ import annotations
@@ -15,9 +21,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from dsv3_lightning.plugins.dualpipe.runner import PipelineRunner
-
-_EVAL_TAG = 1 << 24  # apart from the training runtime's tags
-
 
 @torch.no_grad()
 def pipeline_evaluate(
@@ -45,11 +48,11 @@ def pipeline_evaluate(
                 dtype=module.model.model.embed_tokens.weight.dtype,
             )
             src = dist.get_global_rank(group, layout.stage_to_rank[chain[i - 1]])
-            dist.recv(h, src, group=group, tag=_EVAL_TAG + stage)
+            dist.recv(h, src, group=group)
         h = module.model.run_layers(h, *piece.layer_range)
         if i + 1 < len(chain) and layout.stage_to_rank[chain[i + 1]] != rank:
             dst = dist.get_global_rank(group, layout.stage_to_rank[chain[i + 1]])
-            dist.send(h.contiguous(), dst, group=group, tag=_EVAL_TAG + chain[i + 1])
+            dist.send(h.contiguous(), dst, group=group)
     logs: dict[str, torch.Tensor] = {}
     if runner.rank == last_rank:
         logits = module.model.head(h)
