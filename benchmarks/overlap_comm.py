@@ -15,8 +15,8 @@ B(last). Two ways, alternated ``repeats`` times after a warm-up, same work and s
 Reported per step (medians; the slowest rank's step time): the time chunks spent blocked on their
 all-to-alls (*exposed* communication; sequential: all of it, waits for a slower peer included), the
 fraction hidden, ``1 - exposed(overlapped) / exposed(sequential)``, and the step time ratio. CPU
-and gloo only: on CUDA, NCCL's ``wait`` does not block the host and the autograd engine runs the
-backward on its own threads, so neither the timing nor the turn-taking carries over.
+and gloo, timed on the host (``ChunkInterleaver(timing="host")``); the same measurement on GPUs, with
+NCCL and CUDA events, is benchmarks/gpu_overlap.py.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from dsv3_lightning.plugins.dualpipe.interleaver import one_f_one_b
+from dsv3_lightning.plugins.dualpipe.interleaver import ChunkInterleaver, one_f_one_b
 from dsv3_lightning.plugins.dualpipe.overlap import InterleavedOverlap
 from dsv3_lightning.plugins.expert_parallel.all_to_all import Comm
 from dsv3_lightning.plugins.expert_parallel.dispatcher import AllToAllTokenDispatcher
@@ -62,7 +62,7 @@ def worker(rank: int, world: int, port: int, args, queue) -> None:
     torch.manual_seed(0)
     model = DeepSeekV3(config)
     shard_experts(model, rank, world, lambda name, e: AllToAllTokenDispatcher(Comm(None, 300.0, name), e, world))
-    hook = InterleavedOverlap()
+    hook = InterleavedOverlap(ChunkInterleaver(timing="host"))
     hook.attach(model)
     g = torch.Generator().manual_seed(rank)
     batch = args.tokens // args.seq

@@ -10,7 +10,7 @@ both at their expert-parallel all-to-alls (SPEC.md §7.1):
 
 Writing the model as steps cut at every collective would mean a second forward and a hand-made
 backward. Instead the two chunks run as they are, the forward on the calling thread and the backward
-on a worker thread, and take turns: a chunk runs until it issues a collective, which starts
+started from a worker thread, and take turns: a chunk runs until it issues a collective, which starts
 asynchronously (``async_op=True``), hands the turn to the other chunk, and waits for the data only
 when the turn comes back. The communication then runs under the other chunk's computation, and since
 only one chunk computes at a time, the collectives are issued in the same order on every rank of an
@@ -19,15 +19,27 @@ expert group (the model and the schedule are the same there), which matching col
 The hook is ``wait``: the expert-parallel all-to-alls (``expert_parallel.all_to_all``) call it with
 the ``Work`` of every collective they start when their ``Comm.overlap`` is this interleaver. Outside
 a pair, or for a chunk whose partner has finished, ``wait`` simply waits: the sequential behaviour.
+Inside a pair the caller is recognised by *whose turn it is*, not by its thread: only the chunk
+holding the turn runs, so whoever calls ``wait`` is that chunk. This matters on CUDA, where the
+autograd engine runs a backward on its own device thread (not the worker that called
+``backward()``): that thread's collectives are the backward chunk's, and pausing it pauses the chunk.
+
+CUDA and NCCL. NCCL's ``work.wait()`` does not block the host: it makes the current (compute) stream
+wait for the collective on NCCL's stream. The turns then order *kernel launches*: F issues its
+dispatch (on NCCL's stream), hands over, B launches its MLP kernels on the compute stream, hands
+back, and F's ``wait`` puts the stream's wait behind B's kernels, so the GPU runs B's MLP while the
+all-to-all is in flight: overlap by construction, with no stream or SM tuning of our own (DeepSeek
+also reserves SMs for communication; not done). Host time is no measure there, so ``stats`` times
+each wait with two CUDA events on the current stream around ``work.wait()``: the elapsed time is how
+long the compute stream stood still for NCCL (zero when the data was there before the stream got to
+the wait), summed when ``exposed_s`` is read (which synchronises). ``timing`` picks host or CUDA
+events; ``"auto"`` takes CUDA events once CUDA is initialised and the default backend is NCCL.
+Unmeasured on GPUs so far (benchmarks/gpu_overlap.py is the measurement).
 
 ``stats`` counts the time chunks spend blocked in ``wait`` (the *exposed* communication) and the
 collectives issued: with the same work run in pairs and run one chunk after the other, the fraction
-of communication hidden is ``1 - exposed(pairs) / exposed(sequential)`` (benchmarks/overlap_comm.py).
-
-On CUDA the autograd engine runs a backward on its device threads, not on the caller's: that chunk's
-collectives are then not recognised and wait where they are issued (no overlap, same results), and
-NCCL's ``wait`` does not block the host, so ``stats`` would not measure communication. The runtime
-that uses this (schedules "dualpipe" and "dualpipev") runs on gloo only; on GPUs it is untested.
+of communication hidden is ``1 - exposed(pairs) / exposed(sequential)`` (benchmarks/overlap_comm.py
+on gloo, benchmarks/gpu_overlap.py on CUDA).
 """
 
 from __future__ import annotations
@@ -35,12 +47,14 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.distributed as dist
 
 FORWARD_SLOT, BACKWARD_SLOT = 0, 1
+Timing = Literal["auto", "host", "cuda"]
 
 
 class ChunkAborted(RuntimeError):
@@ -51,30 +65,56 @@ class ChunkAborted(RuntimeError):
 class CommStats:
     """Blocked time and count of the collectives that went through ``wait``."""
 
-    exposed_s: float = 0.0
     collectives: int = 0
     in_pairs: int = 0
     """Collectives issued while the other chunk of a pair was still running (could overlap)."""
+    host_s: float = 0.0
+    """Exposed time measured on the host (gloo), plus the CUDA events' once settled."""
+    pending: list = field(default_factory=list)
+    """(start, end) CUDA events of waits not yet summed."""
+
+    @property
+    def exposed_s(self) -> float:
+        """Seconds the chunks stood still for their collectives (host: blocked; CUDA: the compute stream
+        waiting for NCCL's). Reading it synchronises the pending CUDA events."""
+        for start, end in self.pending:
+            end.synchronize()
+            self.host_s += start.elapsed_time(end) / 1e3
+        self.pending.clear()
+        return self.host_s
 
     def reset(self) -> None:
-        self.exposed_s, self.collectives, self.in_pairs = 0.0, 0, 0
+        self.host_s, self.collectives, self.in_pairs = 0.0, 0, 0
+        self.pending.clear()
+
+
+def _cuda_timing() -> bool:
+    return (
+        torch.cuda.is_available()
+        and torch.cuda.is_initialized()
+        and dist.is_initialized()
+        and "nccl" in str(dist.get_backend())
+    )
 
 
 class ChunkInterleaver:
     """Runs (forward, backward) chunk pairs in turns; see the module docstring."""
 
-    def __init__(self) -> None:
+    def __init__(self, timing: Timing = "auto") -> None:
+        if timing not in ("auto", "host", "cuda"):
+            raise ValueError(f"ChunkInterleaver timing ({timing!r}) must be 'auto', 'host' or 'cuda'")
+        self.timing = timing
         self._cond = threading.Condition()
-        self._slots: dict[int, int] = {}
-        """Thread id -> slot (FORWARD_SLOT on the caller, BACKWARD_SLOT on the worker) during a pair."""
+        self._in_pair = False
         self._turn = FORWARD_SLOT
+        """The chunk that may run (FORWARD_SLOT or BACKWARD_SLOT); the caller of ``wait`` in a pair is it."""
         self._finished: set[int] = set()
         self._failed = False
         self.stats = CommStats()
 
     # ------------------------------------------------------------------ the pair
     def run_pair(self, forward: Callable[[], None], backward: Callable[[], None]) -> None:
-        """Runs ``forward`` on this thread and ``backward`` on a worker, forward first; returns when both
+        """Runs ``forward`` on this thread and ``backward`` from a worker, forward first; returns when both
         are done. If either fails, the other stops at its next collective (``ChunkAborted``), instead of
         waiting for peers until the collectives time out, and the first error is raised here."""
         errors: list[BaseException] = []
@@ -94,8 +134,7 @@ class ChunkInterleaver:
                 self._finish(BACKWARD_SLOT)
 
         with self._cond:
-            self._slots, self._finished, self._turn, self._failed = {}, set(), FORWARD_SLOT, False
-            self._slots[threading.get_ident()] = FORWARD_SLOT
+            self._finished, self._turn, self._failed, self._in_pair = set(), FORWARD_SLOT, False, True
         thread = None
         try:
             thread = threading.Thread(target=worker, name="dsv3-overlap-backward", daemon=True)
@@ -109,14 +148,13 @@ class ChunkInterleaver:
             if thread is not None and thread.ident is not None:
                 thread.join()
             with self._cond:
-                self._slots = {}
+                self._in_pair = False
         first = next((e for e in errors if not isinstance(e, ChunkAborted)), errors[0] if errors else None)
         if first is not None:
             raise first
 
     def _enter(self, slot: int) -> None:
         with self._cond:
-            self._slots[threading.get_ident()] = slot
             self._cond.wait_for(lambda: self._turn == slot)
 
     def _finish(self, slot: int) -> None:
@@ -129,7 +167,7 @@ class ChunkInterleaver:
     def wait(self, work: dist.Work, what: str = "") -> None:
         """Waits for ``work`` (a collective just issued); inside a pair, lets the other chunk compute first."""
         with self._cond:
-            slot = self._slots.get(threading.get_ident())
+            slot = self._turn if self._in_pair else None  # one chunk runs at a time: the caller holds the turn
             if slot is not None and 1 - slot not in self._finished:
                 self.stats.in_pairs += 1
                 self._turn = 1 - slot
@@ -137,10 +175,20 @@ class ChunkInterleaver:
                 self._cond.wait_for(lambda: self._turn == slot)
             if slot is not None and self._failed:
                 raise ChunkAborted(f"the other chunk of this (F;B) pair failed; {what or 'a collective'} not waited for")
+        self._timed_wait(work)
+        self.stats.collectives += 1
+
+    def _timed_wait(self, work: dist.Work) -> None:
+        if self.timing == "cuda" or (self.timing == "auto" and _cuda_timing()):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()  # when the compute stream reaches the wait ...
+            work.wait()  # ... which makes it wait for NCCL's stream ...
+            end.record()  # ... until here: the exposed time
+            self.stats.pending.append((start, end))
+            return
         start = time.perf_counter()
         work.wait()
-        self.stats.exposed_s += time.perf_counter() - start
-        self.stats.collectives += 1
+        self.stats.host_s += time.perf_counter() - start
 
 
 def one_f_one_b(

@@ -20,6 +20,11 @@ backward issues one, and so on; the collectives' ``Comm.overlap`` must be the sa
 (``attach``). Without expert parallelism in the pieces there is nothing to hide and the pair runs as
 the sequential one. torch's runtime runs its OVERLAP_F_B sub-actions one after the other, so
 PipelineRunner runs dualpipev's lists on our runtime when it is given a hook.
+
+The runtime has exchanged both chunks' pipeline inputs before the pair starts and sends their outputs
+after it ends (bidirectional_runtime.py), so a hook may run the parts in any order: the point-to-point
+order both ends of a pair of ranks agree on does not depend on it. The same holds on NCCL, where the
+interleaver recognises the chunks by turn and times the compute stream's waits (interleaver.py).
 """
 
 from __future__ import annotations
@@ -63,5 +68,5 @@ class InterleavedOverlap:
         return count
 
     def __call__(self, runtime: BidirectionalRuntime, forward: Action, backward: Action) -> None:
-        runtime.receive_inputs([forward, backward])  # the only blocking waits left in the pair: all-to-alls
+        runtime.receive_inputs([forward, backward])  # here already: the only waits left in the pair are all-to-alls
         self.interleaver.run_pair(lambda: runtime.run_action(forward), lambda: runtime.run_action(backward))

@@ -8,6 +8,7 @@ gradients, with the all-to-alls of both chunks issued inside pairs.
 from __future__ import annotations
 
 import os
+import threading
 
 import pytest
 import torch
@@ -45,6 +46,39 @@ def test_chunks_take_turns_at_each_collective():
     assert interleaver.stats.in_pairs == 4  # B's last collective had no partner left
     interleaver.wait(_Done())  # outside a pair: just waits
     assert interleaver.stats.in_pairs == 4
+
+
+def test_a_chunk_is_recognised_by_its_turn_not_its_thread():
+    # on CUDA the autograd engine runs a backward on its device thread, not on the worker that called
+    # backward(): collectives from such a thread still take turns
+    interleaver = ChunkInterleaver()
+    trace = []
+
+    def forward():
+        for i in range(2):
+            trace.append(f"F{i}")
+            interleaver.wait(_Done())
+        trace.append("F-end")
+
+    def backward_on_another_thread():
+        def engine():
+            for i in range(2):
+                trace.append(f"B{i}")
+                interleaver.wait(_Done())
+            trace.append("B-end")
+
+        thread = threading.Thread(target=engine)
+        thread.start()
+        thread.join()
+
+    interleaver.run_pair(forward, backward_on_another_thread)
+    assert trace == ["F0", "B0", "F1", "B1", "F-end", "B-end"]
+    assert interleaver.stats.in_pairs == 4
+
+
+def test_an_unknown_timing_is_refused():
+    with pytest.raises(ValueError, match=r"timing \('wall'\) must be 'auto', 'host' or 'cuda'"):
+        ChunkInterleaver(timing="wall")
 
 
 @pytest.mark.parametrize(("failing", "ran"), [("forward", [0]), ("backward", [0, 1])])
