@@ -1,7 +1,9 @@
 """FP8 routed experts: the grouped-matmul seam of ``GroupedExperts`` run through ``fp8_linear``.
 
 Each expert's slice of the sorted tokens is one FP8 linear map (tiles along the hidden size for
-Fprop, along the tokens of that expert for Wgrad); experts that received no token are skipped. The
+Fprop, along the tokens of that expert for Wgrad); experts that received no token are skipped. When
+none did (an expert-parallel rank whose experts got no token this step), the empty output is still
+computed from the input, so that the backward reaches the dispatch's all-to-all on every rank alike. The
 stacked weights stay the same Parameters, so checkpoints do not change.
 """
 
@@ -22,7 +24,7 @@ class FP8GroupedExperts(GroupedExperts):
     def from_experts(cls, experts: GroupedExperts, recipe: FP8Recipe, backend: str) -> FP8GroupedExperts:
         new = cls.__new__(cls)
         torch.nn.Module.__init__(new)
-        new.num_experts = experts.num_experts
+        new.num_experts, new.expert_offset = experts.num_experts, experts.expert_offset
         new.gate_up_proj, new.down_proj = experts.gate_up_proj, experts.down_proj
         new.recipe, new.backend = recipe, backend
         return new
@@ -37,7 +39,11 @@ class FP8GroupedExperts(GroupedExperts):
             for e in range(len(w_EOI))
         ]
         present = [p for p in pieces if p is not None]
-        return torch.cat(present) if present else out
+        if present:
+            return torch.cat(present)
+        # no token for any expert here: still an output of x and w, so that autograd runs the backward of
+        # whatever produced x (an expert-parallel dispatch's all-to-all, which every peer rank runs too)
+        return x_NI @ w_EOI[0].T if len(w_EOI) else out
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, recipe={self.recipe.name}, backend={self.backend}"

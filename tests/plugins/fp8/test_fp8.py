@@ -192,6 +192,22 @@ def test_grouped_experts_fp8_matches_per_expert_fp8_linear():
     torch.testing.assert_close(fp8(x, counts), expected)
 
 
+def test_grouped_experts_fp8_without_tokens_still_backpropagates_to_the_input():
+    """An expert-parallel rank whose experts got no token must still run the backward of its dispatch
+    all-to-all, which its peers run: the empty output is computed from the input (the 671B-style crash
+    was a collective mismatch at the first step where one rank's experts received nothing)."""
+    experts = GroupedExperts(2, 128, 128)
+    experts.expert_offset = 2
+    fp8 = FP8GroupedExperts.from_experts(experts, FP8Recipe(), "torch")
+    assert fp8.expert_offset == 2  # a shard's global id of row 0 survives the conversion
+    x = torch.randn(4, 128, requires_grad=True)
+    received = x[:0] * 2  # what a dispatch delivers when no copy came here: empty, with a graph
+    y = fp8(received, torch.tensor([0, 0]))
+    assert y.shape == (0, 128) and y.grad_fn is not None
+    y.sum().backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))
+
+
 def test_unaligned_skip_keeps_layers_in_high_precision():
     module = make_module(qk_rope_head_dim=8)  # kv_a_proj_with_mqa: 64 + 8 = 72 outputs
     plugin = FP8Precision(unaligned="skip")
