@@ -9,6 +9,7 @@ from __future__ import annotations
 import lightning as L
 import torch
 
+from dsv3_lightning.collectives import sum_over_processes
 from dsv3_lightning.model.router import Router
 
 
@@ -26,11 +27,6 @@ def moe_routers(pl_module: L.LightningModule, plugin: str) -> list[Router]:
 
 
 def global_sum(trainer: L.Trainer, tensor: torch.Tensor) -> torch.Tensor:
-    """Sums ``tensor`` over every process of the run (data and expert parallel ranks alike).
-
-    Goes through the strategy, so that a single-device run is a no-op and any strategy that can
-    reduce (DDP, expert parallel, ...) is used as it is.
-    """
-    if trainer.world_size == 1:
-        return tensor
-    return trainer.strategy.reduce(tensor.clone(), reduce_op="sum")
+    """Sums ``tensor`` over every process of the run (data, expert and pipeline ranks alike), in one
+    all-reduce of a copy (the core's ``sum_over_processes``: no barrier); nothing on one process."""
+    return sum_over_processes(trainer, tensor.clone())

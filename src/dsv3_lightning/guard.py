@@ -37,6 +37,8 @@ from typing import Literal
 import lightning as L
 import torch
 
+from dsv3_lightning.collectives import sum_over_processes
+
 from dsv3_lightning.model.router import Router
 
 Action = Literal["raise", "skip"]
@@ -93,7 +95,7 @@ class NonFiniteGuard:
         if check_grads and grads:
             norms_sq = torch.stack([n.float() for n in torch._foreach_norm(grads)]).square().sum()
             local_bad = local_bad + (~torch.isfinite(norms_sq)).to(local_bad)
-        bad = trainer.strategy.reduce(local_bad, reduce_op="sum") if trainer.world_size > 1 else local_bad
+        bad = sum_over_processes(trainer, local_bad)
         if bad.item() == 0:  # the one host sync
             return
         self._bad = True

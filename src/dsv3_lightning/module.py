@@ -39,6 +39,7 @@ import torchmetrics
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
+from dsv3_lightning.collectives import sum_over_processes
 from dsv3_lightning.config import ModelConfig
 from dsv3_lightning.guard import NonFiniteGuard, check_state
 from dsv3_lightning.heads import PredictionHead, build_head, head_spec
@@ -244,8 +245,7 @@ class DSV3LightningModule(L.LightningModule):
         keys = list(sums)
         values = [sums[k].detach().to(torch.float64).reshape(()) for k in keys]
         total = torch.stack([*values, values[0].new_tensor(count)])
-        if self._trainer is not None and self.trainer.world_size > 1:
-            total = self.trainer.strategy.reduce(total, reduce_op="sum")
+        total = sum_over_processes(self._trainer, total)
         means = dict(zip(keys, (total[:-1] / total[-1]).float()))
         for name in self.router_losses.terms:
             means["loss"] = means["loss"] + means.get(name, 0.0)
