@@ -72,9 +72,12 @@ def pipeline_evaluate(
 def _share(
     runner: PipelineRunner, logs: dict[str, torch.Tensor], stage_name: str, src: int, device: torch.device
 ) -> dict[str, torch.Tensor]:
-    """The last piece's logs on every rank: one tensor broadcast on ``device`` (NCCL's rule). Only the
-    last piece's rank knows the heads' log names: they are sent once per stage name, then kept."""
+    """The last piece's logs on every rank: one tensor broadcast on ``device`` (NCCL's rule). The heads
+    name their logs (``PredictionHead.log_names``); for a head that does not, the last piece's rank
+    sends the names once per stage name (an object broadcast), and they are kept."""
     keys = runner.eval_log_keys.get(stage_name)
+    if keys is None and (named := runner.log_names(stage_name)) is not None:
+        keys = runner.eval_log_keys[stage_name] = sorted(f"{stage_name}/{k}" for k in named)
     if keys is None:
         box = [sorted(logs)]
         dist.broadcast_object_list(box, src, group=runner.group)

@@ -36,7 +36,7 @@ import torch.distributed as dist
 from dsv3_lightning.plugins.dualpipe.bidirectional_runtime import BidirectionalRuntime
 from dsv3_lightning.plugins.dualpipe.overlap import OverlapHook
 from dsv3_lightning.plugins.dualpipe.partition import build_pieces, parameter_names
-from dsv3_lightning.plugins.dualpipe.plans import SchedulePlan, compute_only, plan_spec, spec
+from dsv3_lightning.plugins.dualpipe.plans import SchedulePlan, compute_only, plan_spec
 from dsv3_lightning.plugins.dualpipe.torch_pipelining import PipelineStage
 from dsv3_lightning.plugins.dualpipe.torch_pipelining import ActionListRuntime
 
@@ -76,17 +76,6 @@ def split_microbatches(tokens: torch.Tensor, num_microbatches: int) -> list[torc
             f"({num_microbatches}); set data.batch_size to a multiple of {num_microbatches}"
         )
     return list(tokens.chunk(num_microbatches))
-
-
-def check_backend(schedule: str, backend: str, *, overlap: bool = False) -> None:
-    """Our runtime (schedules whose lists torch does not run, and overlapped pairs) tells its messages apart
-    by tag: gloo does, NCCL matches point-to-point messages in order."""
-    on_ours = spec(schedule).runtime == "ours" or (overlap and spec(schedule).pairs)
-    if on_ours and backend != "gloo":
-        raise NotImplementedError(
-            f"{_KEY}.schedule {schedule!r} runs on our runtime, which tells its messages apart by tag: gloo "
-            f"does, {backend} matches them in order; use schedule 'dualpipev' (torch's runtime) on GPUs"
-        )
 
 
 class PipelineRunner:
@@ -148,7 +137,6 @@ class PipelineRunner:
     def _build(self, tokens_mb: torch.Tensor) -> None:
         kind = plan_spec(self.plan)
         if kind.runtime == "ours" or (kind.pairs and self.overlap is not None):
-            check_backend(self.plan.schedule, dist.get_backend(self.group), overlap=self.overlap is not None)
             b, s = tokens_mb.shape[0], tokens_mb.shape[1] - 1 - self.module.extra_tokens
             dtype = self.module.model.model.embed_tokens.weight.dtype
             hidden = (b, s, self.module.config.hidden_size)

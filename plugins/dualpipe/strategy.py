@@ -136,8 +136,6 @@ class DualPipeStrategy(ParallelStrategy):
     def _overlap_hook(self) -> InterleavedOverlap | None:
         if not (self.overlap and spec(self.schedule).pairs and self._shards):
             return None
-        if dist.get_backend(self.mesh.pipeline_group) != "gloo":
-            return None  # dualpipev stays on torch's runtime (our runtime tells messages apart by tag)
         hook = InterleavedOverlap()
         layers = hook.attach(self.lightning_module)
         rank_zero_info(f"dualpipe: (F;B) pairs overlapped, the all-to-alls of {layers} MoE layer(s) asynchronous")
