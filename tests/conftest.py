@@ -31,6 +31,16 @@ def _isolated_process_state():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread, which forked ranks inherit: on the shared 2-core machine OpenMP's spinning
+    threads of 2-4 processes slow the tiny models by orders of magnitude. The folders of multi-process
+    tests use it for every test; ``_isolated_process_state`` restores the count."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory) -> Path:
     """A few real documents: six standard-library modules, copied so that the tests own their corpus."""

@@ -29,7 +29,7 @@ from dsv3_lightning.plugins.load_balancing import AuxLossFreeBalancing, ExpertLo
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy
 from torch.distributed import all_reduce as imported_all_reduce  # held under this module's own name
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 
 from nccl_rules import NcclRulesCallback, in_step_violations, load, nccl_rules, syncs_per_step
 
@@ -41,13 +41,7 @@ import ep_tiny  # noqa: E402
 from ep_launch import run_ranks  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread (forked ranks inherit it): 2-4 processes share 2 cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # forked ranks inherit it: 2-4 processes share 2 cores
 
 
 # ---------------------------------------------------------------------------------------- the check fails
@@ -140,25 +134,6 @@ def test_the_check_reports_deliberate_violations_and_nothing_else():
 
 
 # ---------------------------------------------------------------------------------------- the strategies
-class ReplicaSampler(Sampler[int]):
-    """Windows r, r + n, ... for replica r of n, as the strategy's ``distributed_sampler_kwargs`` say (read
-    when iterating, inside the launched process)."""
-
-    def __init__(self, length: int, strategy) -> None:
-        self.length, self.strategy = length, strategy
-
-    def _replica(self) -> tuple[int, int]:
-        kwargs = self.strategy.distributed_sampler_kwargs
-        return kwargs["rank"], kwargs["num_replicas"]
-
-    def __iter__(self):
-        rank, replicas = self._replica()
-        return iter(range(rank, self.length, replicas))
-
-    def __len__(self) -> int:
-        return self.length // self._replica()[1]
-
-
 def _ddp():
     return DDPStrategy(start_method="fork", find_unused_parameters=True)
 
@@ -229,8 +204,8 @@ def _fit(root: Path, case: str, extra_callbacks=()) -> dict[int, dict]:
     replicas = strategy.distributed_sampler_kwargs["num_replicas"]
     trainer.fit(
         make_module(),
-        DataLoader(list(windows), batch_size=8 // replicas, sampler=ReplicaSampler(16, strategy)),
-        DataLoader(list(windows), batch_size=8 // replicas, sampler=ReplicaSampler(16, strategy)),  # 2 batches
+        DataLoader(list(windows), batch_size=8 // replicas, sampler=dualpipe_tiny.ReplicaSampler(16, strategy)),
+        DataLoader(list(windows), batch_size=8 // replicas, sampler=dualpipe_tiny.ReplicaSampler(16, strategy)),  # 2 batches
         weights_only=False,
     )
     ranks = load(root / "nccl")
