@@ -4,6 +4,7 @@
     dsv3 fit --config configs/tiny.yaml --trainer.max_steps 100 --model.config.num_hidden_layers 2
     dsv3 validate --config configs/tiny.yaml --ckpt_path runs/tiny/.../last.ckpt
     dsv3 fit --config configs/tiny.yaml --print_config        # the full, commented configuration
+    dsv3 prepare my_corpus/ --output prepared/ --workers 8  # tokenize once into shards every rank reads
     dsv3 generate --ckpt_path runs/tiny/.../last.ckpt --prompt "Once upon a time"
     dsv3 convert runs/tiny/.../last.ckpt hf_dir/              # Lightning checkpoint <-> Hugging Face
     dsv3 sweep configs/sweeps/load_balancing.yaml             # named variants, results table and plots
@@ -265,6 +266,7 @@ def _enable_logging() -> None:
 def tool_commands() -> dict[str, str]:
     """Subcommands that are not LightningCLI's: name -> module whose ``main(argv)`` runs it."""
     return {
+        "prepare": "dsv3_lightning.data.command",
         "generate": "dsv3_lightning.generate",
         "convert": "dsv3_lightning.convert",
         "sweep": "dsv3_lightning.sweep",

@@ -1,11 +1,12 @@
-"""The corpus: which files of ``data.data_path`` are read, which of them are text, and their documents.
+"""Sources: which files of a corpus are read, which of them are text, their documents and their split.
 
 A corpus is a list of documents, read from files:
 
 * **Files.** ``data.data_path`` is a text file, a ``.jsonl`` file (one JSON object per line, its
-  ``"text"`` field is a document) or a directory, searched recursively for ``*.txt``, ``*.md``,
-  ``*.py`` and ``*.jsonl`` files (hidden files and directories skipped, paths sorted). A text file is
-  one document. When ``data_path`` is null the corpus is the running interpreter's standard library
+  ``"text"`` field is a document), a ``.parquet`` file (each row's ``"text"`` column is a document;
+  needs pyarrow) or a directory, searched recursively for ``*.txt``, ``*.md``, ``*.py``, ``*.jsonl``
+  and ``*.parquet`` files (hidden files and directories skipped, paths sorted). A text file is one
+  document. When ``data_path`` is null the corpus is the running interpreter's standard library
   (``*.py`` below ``sysconfig.get_paths()["stdlib"]``, without site-packages and the test suites):
   about 12 MB of Python that needs no download.
 * **Byte budget.** ``data.max_corpus_bytes`` caps the corpus by whole files, chosen in an order fixed
@@ -21,18 +22,20 @@ A corpus is a list of documents, read from files:
   passes. The files kept are what :mod:`dsv3_lightning.data` keys its cache on: skipped files are
   not part of it, so every run probes them again, and a change to one leaves the cache valid unless
   it turns the file into text.
-* **Split.** A seeded permutation of the documents puts ``round(val_fraction * n)`` of them (at
-  least one, at most n - 1) in the validation split: the same split on every run, for any
-  number of workers or processes. A corpus of a single document is cut at the line boundary nearest
-  ``1 - val_fraction`` of its length instead, head for training, tail for validation.
+* **Split.** Each document goes to validation when a hash of (seed, its file's path relative to the
+  corpus root, its index in the file) falls below ``val_fraction`` (:func:`held_out`): decided per
+  document, so the split is the same for any number of preparation workers, files can be tokenized
+  in any order, and a moved corpus splits alike. A corpus of a single plain text file is cut at the
+  line boundary nearest ``1 - val_fraction`` of its length instead, head for training, tail for
+  validation.
 
 Documents are read lazily, file by file, each time they are needed (training the tokenizer, counting
 the lines of a ``.jsonl`` file for the split, tokenizing), so a corpus never has to fit in memory; an
 undecodable byte reads as U+FFFD. A ``.jsonl`` line that is not a JSON object with a ``"text"`` string
 is refused with its path and line number.
 
-Not supported: other file types (``*.rst``, ``*.html``, compressed files), other ``.jsonl`` fields
-than ``"text"``, and corpora read from a URL.
+Not supported: other file types (``*.rst``, ``*.html``, compressed files), other ``.jsonl`` or Parquet
+fields than ``"text"``, and corpora read from a URL.
 """
 
 from __future__ import annotations
@@ -50,11 +53,10 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 
 logger = logging.getLogger(__name__)
 
-_CORPUS_SUFFIXES = (".txt", ".md", ".py", ".jsonl")
+_CORPUS_SUFFIXES = (".txt", ".md", ".py", ".jsonl", ".parquet")
 _EXCLUDED_STDLIB_DIRS = frozenset(
     {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
 )
@@ -74,6 +76,8 @@ class SourceFile:
     path: Path
     size: int
     mtime_ns: int
+    name: str = ""
+    """The path relative to the corpus root (POSIX): what the split hashes, so a moved corpus splits alike."""
 
 
 def describe_data_path(data_path: str | None) -> str:
@@ -92,10 +96,10 @@ def list_sources(data_path: str | None, max_corpus_bytes: int | None) -> list[So
     root, paths = _list_corpus_files(data_path)
     if not paths:
         raise ValueError(
-            f"{describe_data_path(data_path)} holds no *.txt, *.md, *.py or *.jsonl files. Point it at a "
+            f"{describe_data_path(data_path)} holds no *.txt, *.md, *.py, *.jsonl or *.parquet files. Point it at a "
             "corpus, or set it to null to train on the Python standard library."
         )
-    files = [SourceFile(p, (st := p.stat()).st_size, st.st_mtime_ns) for p in paths]
+    files = [SourceFile(p, (st := p.stat()).st_size, st.st_mtime_ns, p.relative_to(root).as_posix()) for p in paths]
     is_text = _TextFilter()
     kept = _within_budget(files, root, max_corpus_bytes, is_text)
     if not kept:
@@ -200,7 +204,10 @@ def _printable_fraction(text: str) -> float:
 
 
 def _not_text(src: SourceFile) -> str | None:
-    """Why ``src`` is not text ("NUL bytes", "41% printable"), or None when it is."""
+    """Why ``src`` is not text ("NUL bytes", "41% printable"), or None when it is. Parquet files are
+    binary by design: their ``"text"`` column is checked when read."""
+    if src.path.suffix == ".parquet":
+        return None
     text = _probe(src)
     if "\0" in text:
         return "NUL bytes"
@@ -250,39 +257,63 @@ def _jsonl_lines(path: Path) -> Iterator[tuple[int, str]]:
                 yield lineno, line
 
 
+def _parquet_texts(path: Path) -> Iterator[str]:
+    try:
+        import pyarrow.parquet as pq
+    except ModuleNotFoundError as err:
+        raise ModuleNotFoundError(
+            f"data.data_path: {path} is a Parquet file, which needs pyarrow: pip install pyarrow"
+        ) from err
+    table = pq.ParquetFile(path)
+    if "text" not in table.schema_arrow.names:
+        raise ValueError(
+            f'data.data_path: {path} has no "text" column (columns: {table.schema_arrow.names}). A Parquet '
+            'corpus needs a "text" string column.'
+        )
+    for batch in table.iter_batches(columns=["text"], batch_size=4096):
+        for text in batch.column(0).to_pylist():
+            if text:
+                yield text
+
+
+def file_documents(src: SourceFile) -> Iterator[str]:
+    """The documents of one file: the file itself, a ``.jsonl`` line's ``"text"``, a Parquet row's."""
+    if src.path.suffix == ".jsonl":
+        for lineno, line in _jsonl_lines(src.path):
+            yield _jsonl_text(line, src.path, lineno)
+    elif src.path.suffix == ".parquet":
+        yield from _parquet_texts(src.path)
+    else:
+        yield src.path.read_text(encoding="utf-8", errors="replace")
+
+
 def iter_documents(sources: Iterable[SourceFile]) -> Iterator[str]:
     for src in sources:
-        if src.path.suffix == ".jsonl":
-            for lineno, line in _jsonl_lines(src.path):
-                yield _jsonl_text(line, src.path, lineno)
-        else:
-            yield src.path.read_text(encoding="utf-8", errors="replace")
+        yield from file_documents(src)
 
 
-def _count_documents(sources: Iterable[SourceFile]) -> int:
-    count = 0
-    for src in sources:
-        if src.path.suffix == ".jsonl":
-            count += sum(1 for _ in _jsonl_lines(src.path))
-        else:
-            count += 1
-    return count
+def held_out(seed: int, name: str, index: int, val_fraction: float) -> bool:
+    """Whether document ``index`` of file ``name`` is a validation document: a hash of the three, below
+    ``val_fraction``. Decided per document, so any worker can split its files alone."""
+    digest = hashlib.blake2b(f"{seed}\0{name}\0{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") < val_fraction * 2.0**64
 
 
-def split_documents(
-    sources: list[SourceFile], val_fraction: float, seed: int
+def is_single_document(sources: list[SourceFile]) -> bool:
+    """A corpus of one plain text file: split at a line boundary instead of by document."""
+    return len(sources) == 1 and sources[0].path.suffix not in (".jsonl", ".parquet")
+
+
+def split_file(
+    src: SourceFile, *, val_fraction: float, seed: int, single_document: bool = False
 ) -> Iterator[tuple[str, bool]]:
-    """Yield ``(text, is_validation)`` for every document, in corpus order (see the module docstring)."""
-    num_documents = _count_documents(sources)
-    if num_documents == 1:
-        text = next(iter_documents(sources))
+    """Yield ``(text, is_validation)`` for every document of one file (see the module docstring)."""
+    if single_document:
+        text = next(file_documents(src))
         target = int(len(text) * (1 - val_fraction))
         cut = text.rfind("\n", 0, target) + 1 or target
         yield text[:cut], False
         yield text[cut:], True
         return
-    num_val = min(num_documents - 1, max(1, round(val_fraction * num_documents)))
-    is_val = np.zeros(num_documents, dtype=bool)
-    is_val[np.random.default_rng(seed).permutation(num_documents)[:num_val]] = True
-    yield from zip(iter_documents(sources), is_val.tolist(), strict=True)
-
+    for index, text in enumerate(file_documents(src)):
+        yield text, held_out(seed, src.name, index, val_fraction)

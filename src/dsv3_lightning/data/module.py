@@ -1,0 +1,460 @@
+"""DSV3DataModule: packed next-token windows streamed from prepared token stores.
+
+What each Lightning hook does:
+
+* ``prepare_data`` / ``setup``: each corpus of ``data.data_path`` (or of ``data.mixture``) is a
+  prepared directory (``dsv3 prepare`` made it: ``index.json`` plus shards), opened and checked
+  without reading the shards; or a raw corpus (files, or null for the standard library), prepared
+  into ``data.cache_dir`` by the very same code (:mod:`~dsv3_lightning.data.prepare`) the first time,
+  keyed by its files, split and tokenizer. On a cluster, prepare once beforehand: then no rank
+  tokenizes anything, and ``setup`` costs a few file stats per shard.
+* **Windows.** Sample ``i`` of a split is ``stream[i * seq_len : i * seq_len + window_len]`` with
+  ``window_len = seq_len + 1 + extra_tokens`` (:class:`~dsv3_lightning.data.store.TokenWindows`):
+  inputs ``window[:seq_len]``, next-token targets ``window[1:seq_len + 1]``, and the ``extra_tokens``
+  that follow feed the multi-token prediction heads. Documents are packed back to back, each ended
+  by ``<|eos|>``, as DeepSeek-V3 packs its pre-training sequences (no cross-document mask).
+* ``train_dataloader``: :class:`~dsv3_lightning.data.sampling.GlobalOrderSampler` deals one global
+  stream of windows, a function of ``data.seed`` alone, to the replicas the strategy names
+  (``distributed_sampler_kwargs``: every process under DDP or expert parallelism, one replica per copy
+  of the pipeline under a pipeline strategy). Memory per rank does not grow with the corpus.
+* ``state_dict``: the tokenizer and the stream position (windows consumed by the whole job). A run
+  resumed on any mesh, any number of replicas or batch size continues with the next unseen window.
+* **Mixtures.** ``data.mixture: {path: weight, ...}`` mixes corpora (prepared or raw) into the one
+  stream, each block of 4,096 windows holding each corpus's share, deterministically; validation is
+  every corpus's validation split in turn. All must share one tokenizer.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
+from typing_extensions import override
+
+from dsv3_lightning.data.prepare import PrepareSettings, prepare_corpus, signature, signature_key
+from dsv3_lightning.data.sampling import CorpusOrder, GlobalOrderSampler, MixtureOrder
+from dsv3_lightning.data.sources import describe_data_path, list_sources
+from dsv3_lightning.data.store import PreparedCorpus, TokenWindows, is_prepared, open_prepared
+from dsv3_lightning.tokenizer import eos_token_id, load_tokenizer, tokenizer_fingerprint, tokenizer_from_str
+
+logger = logging.getLogger(__name__)
+
+_POSITION_FORMAT = 2
+
+
+def default_cache_dir() -> Path:
+    """``$DSV3_CACHE`` when set, else ``~/.cache/dsv3_lightning``."""
+    return Path(os.environ.get("DSV3_CACHE") or Path.home() / ".cache" / "dsv3_lightning").expanduser()
+
+
+def data_replicas(trainer: L.Trainer | None) -> tuple[int, int]:
+    """(replicas, this process's replica) of the training data: the strategy's
+    ``distributed_sampler_kwargs``, or (1, 0) without a trainer or on one device."""
+    kwargs = getattr(trainer.strategy, "distributed_sampler_kwargs", None) if trainer is not None else None
+    if not kwargs:
+        return 1, 0
+    return kwargs["num_replicas"], kwargs["rank"]
+
+
+class DSV3DataModule(L.LightningDataModule):
+    """Packed next-token windows from prepared token shards (see the module docstring).
+
+    Args:
+        data_path: A directory made by ``dsv3 prepare`` (it holds ``index.json``); or a raw corpus,
+            prepared into ``cache_dir`` on first use: a text file, a ``.jsonl`` file of ``{"text": ...}``
+            records, a ``.parquet`` file with a ``text`` column, or a directory searched recursively for
+            ``*.txt``, ``*.md``, ``*.py``, ``*.jsonl`` and ``*.parquet`` files. Null trains on the
+            ``*.py`` files of the running Python's standard library.
+        mixture: Several corpora (prepared directories or raw corpora, as ``data_path``) mixed by
+            weight, e.g. ``{"prepared/code": 0.3, "prepared/text": 0.7}``; leave ``data_path`` null.
+        tokenizer_path: A ``tokenizer.json`` (or a Hugging Face checkpoint directory holding one) to
+            tokenize raw corpora with instead of training a byte-level BPE on them; it must define
+            ``<|eos|>``. A prepared corpus carries its own and must match it.
+        vocab_size: The vocabulary the model's embedding and output head are built with, and the
+            size of the BPE trained on a raw corpus; a tokenizer may be smaller, never larger.
+        seq_len: Model context length: tokens per training sequence.
+        extra_tokens: Tokens each window carries beyond ``seq_len + 1`` for the multi-token
+            prediction heads; depth D needs D.
+        batch_size: Windows per batch (per data-parallel replica).
+        num_workers: DataLoader worker processes.
+        val_fraction: Fraction of a raw corpus's documents held out for validation, in (0, 1).
+        seed: Seed of the training order (and of a raw corpus's document split).
+        cache_dir: Where raw corpora are prepared; null uses ``$DSV3_CACHE`` or ``~/.cache/dsv3_lightning``.
+        max_corpus_bytes: Keep whole files of a raw corpus up to this many bytes, chosen by a hash of
+            their paths; null keeps everything.
+        prepare_workers: Processes that tokenize a raw corpus (``dsv3 prepare --workers``).
+    """
+
+    def __init__(
+        self,
+        *,
+        data_path: str | None = None,
+        mixture: dict[str, float] | None = None,
+        tokenizer_path: str | None = None,
+        vocab_size: int = 4096,
+        seq_len: int = 256,
+        extra_tokens: int = 0,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        val_fraction: float = 0.05,
+        seed: int = 1234,
+        cache_dir: str | None = None,
+        max_corpus_bytes: int | None = None,
+        prepare_workers: int = 1,
+    ) -> None:
+        super().__init__()
+        for key, value, minimum, meaning in (
+            ("seq_len", seq_len, 1, "the model's context length, e.g. 256"),
+            ("vocab_size", vocab_size, 1, "the tokenizer and embedding size, e.g. 4096"),
+            ("extra_tokens", extra_tokens, 0, "0, or the multi-token prediction depth D"),
+            ("batch_size", batch_size, 1, "windows per batch, e.g. 8"),
+            ("num_workers", num_workers, 0, "0 to load in the main process"),
+            ("prepare_workers", prepare_workers, 1, "the processes that tokenize a raw corpus, e.g. 4"),
+        ):
+            if value < minimum:
+                raise ValueError(f"data.{key} ({value}) must be >= {minimum}: set it to {meaning}.")
+        if max_corpus_bytes is not None and max_corpus_bytes < 1:
+            raise ValueError(
+                f"data.max_corpus_bytes ({max_corpus_bytes}) must be positive, or null to keep every file"
+            )
+        self._settings = PrepareSettings(  # validates val_fraction
+            data_path=data_path, max_corpus_bytes=max_corpus_bytes, val_fraction=val_fraction, seed=seed,
+            vocab_size=max(vocab_size, 1),
+        )  # fmt: skip
+        self.corpora, self.weights = self._corpora(data_path, mixture)
+        self.data_path = data_path
+        self.mixture = mixture
+        self.tokenizer_path = tokenizer_path
+        self.vocab_size = vocab_size
+        self.seq_len = seq_len
+        self.extra_tokens = extra_tokens
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.val_fraction = val_fraction
+        self.seed = seed
+        self.cache_dir = cache_dir
+        self.max_corpus_bytes = max_corpus_bytes
+        self.prepare_workers = prepare_workers
+        self._checkpoint_tokenizer: Tokenizer | None = None
+        self._tokenizer: Tokenizer | None = None
+        self._prepared: list[PreparedCorpus] | None = None
+        self._train: list[TokenWindows] | None = None
+        self._val: list[TokenWindows] | None = None
+        self._sampler: GlobalOrderSampler | None = None
+        self._resume_position: dict[str, Any] | None = None
+
+    @staticmethod
+    def _corpora(data_path: str | None, mixture: dict[str, float] | None) -> tuple[list[str | None], list[float]]:
+        if mixture is None:
+            return [data_path], [1.0]
+        if data_path is not None:
+            raise ValueError(
+                f"data.data_path ({data_path!r}) and data.mixture are both set: list every corpus in "
+                "data.mixture (with its weight) and leave data.data_path null."
+            )
+        if not mixture:
+            raise ValueError("data.mixture is empty: give at least one {path: weight}, or set it to null.")
+        for path, weight in mixture.items():
+            if not weight >= 0:
+                raise ValueError(
+                    f"data.mixture[{path!r}] is {weight}: a weight must be >= 0 (a share of the training stream)."
+                )
+        if sum(mixture.values()) <= 0:
+            raise ValueError(f"data.mixture's weights {list(mixture.values())} sum to 0: give some corpus a positive weight.")
+        return list(mixture), [float(w) for w in mixture.values()]
+
+    # ----------------------------------------------------------------------------- properties
+
+    @property
+    def window_len(self) -> int:
+        """Token ids per sample: ``seq_len`` inputs, one next-token target beyond them, MTP extras."""
+        return self.seq_len + 1 + self.extra_tokens
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        if self._tokenizer is None:
+            raise RuntimeError("DSV3DataModule.tokenizer is available after prepare_data() or setup()")
+        return self._tokenizer
+
+    @property
+    def eos_token_id(self) -> int:
+        return eos_token_id(self.tokenizer)
+
+    @property
+    def prepared(self) -> list[PreparedCorpus]:
+        """The opened token stores, one per corpus (after ``setup``)."""
+        if self._prepared is None:
+            raise RuntimeError("DSV3DataModule: call setup() before asking for datasets or dataloaders")
+        return self._prepared
+
+    @property
+    def train_dataset(self) -> Dataset:
+        return self._dataset(self._train)
+
+    @property
+    def val_dataset(self) -> Dataset:
+        return self._dataset(self._val)
+
+    @staticmethod
+    def _dataset(parts: list[TokenWindows] | None) -> Dataset:
+        if parts is None:
+            raise RuntimeError("DSV3DataModule: call setup() before asking for datasets or dataloaders")
+        return parts[0] if len(parts) == 1 else ConcatDataset(parts)
+
+    # ----------------------------------------------------------------------------- preparing
+
+    def _cache_root(self) -> Path:
+        return Path(self.cache_dir).expanduser() if self.cache_dir is not None else default_cache_dir()
+
+    def _given_tokenizer(self) -> tuple[Tokenizer | None, str]:
+        if self._checkpoint_tokenizer is not None:
+            return self._checkpoint_tokenizer, "the checkpoint's tokenizer"
+        if self.tokenizer_path is not None:
+            path = Path(self.tokenizer_path).expanduser()
+            if path.is_dir():
+                path = path / "tokenizer.json"
+            return load_tokenizer(path), f"data.tokenizer_path ({self.tokenizer_path!r})"
+        return None, ""
+
+    def _open(self, data_path: str | None, given: Tokenizer | None) -> PreparedCorpus:
+        """A corpus's token store: opened when prepared, else prepared into the cache first."""
+        if data_path is not None and is_prepared(data_path):
+            return open_prepared(data_path)
+        settings = PrepareSettings(**{**self._settings.__dict__, "data_path": data_path})
+        sources = list_sources(data_path, self.max_corpus_bytes)
+        key = signature_key(signature(settings, sources, given))
+        output = self._cache_root() / "prepared" / key
+        if not is_prepared(output):
+            if self.trainer is not None and self.trainer.world_size > 1:
+                logger.warning(
+                    "%s is a raw corpus: preparing it now in %s. On many ranks prepare it once beforehand "
+                    "(`dsv3 prepare %s --output DIR`) and set data.data_path to DIR.",
+                    describe_data_path(data_path), output, data_path or "",
+                )  # fmt: skip
+            prepare_corpus(settings, output, workers=self.prepare_workers, tokenizer=given, sources=sources)
+        return open_prepared(output)
+
+    def _prepare(self) -> list[PreparedCorpus]:
+        given, source = self._given_tokenizer()
+        prepared = [self._open(path, given) for path in self.corpora]
+        first = prepared[0]
+        for other in prepared[1:]:
+            if other.index["tokenizer"]["fingerprint"] != first.index["tokenizer"]["fingerprint"]:
+                raise ValueError(
+                    f"data.mixture: {other.path} and {first.path} were prepared with different tokenizers. "
+                    "Prepare every corpus of a mixture with one tokenizer (`dsv3 prepare --tokenizer`)."
+                )
+        fingerprint = tokenizer_fingerprint(first.tokenizer)
+        if given is not None and tokenizer_fingerprint(given) != fingerprint:
+            raise ValueError(
+                f"{first.path} was prepared with another tokenizer than {source}. Prepare it again with that "
+                f"tokenizer (`dsv3 prepare ... --tokenizer <tokenizer.json>`), or drop data.tokenizer_path."
+            )
+        if first.vocab_size > self.vocab_size:
+            raise ValueError(
+                f"{first.path / 'tokenizer.json'} has {first.vocab_size} tokens, more than data.vocab_size "
+                f"({self.vocab_size}), the size of the model's embedding. Raise data.vocab_size to at least "
+                f"{first.vocab_size}, or use a corpus prepared with a smaller tokenizer."
+            )
+        eos_token_id(first.tokenizer, source=str(first.path / "tokenizer.json"))
+        return prepared
+
+    # ------------------------------------------------------------------------ Lightning hooks
+
+    @override
+    def prepare_data(self) -> None:
+        self._tokenizer = self._prepare()[0].tokenizer
+
+    @override
+    def setup(self, stage: str | None = None) -> None:
+        if self._train is not None:
+            return
+        prepared = self._prepare()
+        train, val = (
+            [
+                TokenWindows(p.splits[split], window_len=self.window_len, stride=self.seq_len)
+                for p in prepared
+            ]
+            for split in ("train", "val")
+        )
+        window = f"{self.window_len} tokens (data.seq_len {self.seq_len} + 1 + data.extra_tokens "
+        window += f"{self.extra_tokens})"
+        for p, t, v in zip(prepared, train, val, strict=True):
+            where = f"{p.path} ({p.index['source']['data_path']})"
+            if len(v) < 1:
+                raise ValueError(
+                    f"{where} gives {v.num_tokens} validation tokens, fewer than one window of {window}. Lower "
+                    f"data.seq_len, raise data.val_fraction ({self.val_fraction}) or add text."
+                )
+            if len(t) < 1:
+                raise ValueError(
+                    f"{where} gives {t.num_tokens} training tokens, fewer than one window of {window}. Lower "
+                    "data.seq_len or add text."
+                )
+        total = sum(len(t) for t in train)
+        if total < self.batch_size:
+            raise ValueError(
+                f"{describe_data_path(self.data_path) if self.mixture is None else 'data.mixture'} gives "
+                f"{total} training windows of {window}, fewer than data.batch_size ({self.batch_size}). Lower "
+                "data.seq_len or data.batch_size, or add text."
+            )
+        logger.info(
+            "data: %d train and %d validation windows of %d tokens from %s",
+            total, sum(len(v) for v in val), self.window_len, ", ".join(str(p.path) for p in prepared),
+        )  # fmt: skip
+        self._prepared, self._train, self._val = prepared, train, val
+        self._tokenizer = prepared[0].tokenizer
+
+    def _order(self) -> CorpusOrder | MixtureOrder:
+        sizes = [len(t) for t in self._train or []]
+        if len(sizes) == 1:
+            return CorpusOrder(sizes[0], self.seed)
+        return MixtureOrder(sizes, self.weights, self.seed)
+
+    @override
+    def train_dataloader(self) -> DataLoader:
+        replicas, rank = data_replicas(self.trainer)
+        dataset = self.train_dataset
+        resume = None
+        position = self._resume_position
+        if position is not None:
+            resume = self._resume_from(position, num_windows=len(dataset))
+            self._resume_position = None
+        self._sampler = GlobalOrderSampler(
+            self._order(), num_windows=len(dataset), num_replicas=replicas, rank=rank,
+            batch_size=self.batch_size, resume=resume,
+        )  # fmt: skip
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=self._sampler,
+            drop_last=True,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def _resume_from(self, position: dict[str, Any], *, num_windows: int) -> tuple[int, int, int] | None:
+        """``(epoch, samples_done, batches_done)`` for the sampler, from a checkpoint's position."""
+        if position.get("format") != _POSITION_FORMAT:
+            logger.warning(
+                "the checkpoint predates the global training order (data position %s): the data order "
+                "restarts from the beginning of the stream",
+                position,
+            )
+            return None
+        windows = [len(t) for t in self._train or []]
+        if position["windows"] != windows:
+            logger.warning(
+                "the checkpoint's corpus had %s training windows, data.* now gives %s (another corpus, "
+                "seq_len or extra_tokens): the order differs, so continuing at stream position %d of the new one",
+                position["windows"], windows, position["samples_done"],
+            )  # fmt: skip
+        return position["epoch"], position["samples_done"], position["batches_done"]
+
+    @override
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.val_dataset,
+            batch_size=self.batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    @override
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+    @override
+    def predict_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+    # --------------------------------------------------------------------------- checkpoints
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        if self._tokenizer is None:
+            return {}
+        state: dict[str, Any] = {"tokenizer_json": self._tokenizer.to_str(), "vocab_size": self.vocab_size}
+        trainer = self.trainer
+        if trainer is not None and trainer.state.fn == "fit" and self._sampler is not None:
+            # ``processed`` counts the batch whose end hooks are saving this checkpoint.
+            epoch = trainer.current_epoch
+            batches_done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+            state["position"] = {
+                "format": _POSITION_FORMAT,
+                "samples_done": self._sampler.samples_done(epoch, batches_done),
+                "epoch": epoch,
+                "batches_done": batches_done,
+                "windows": [len(t) for t in self._train or []],
+                "global_batch": self._sampler.global_batch,
+            }
+        return state
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Adopt the checkpoint's tokenizer and stream position.
+
+        Lightning restores a datamodule after ``setup``. A raw corpus tokenized with another tokenizer
+        than the checkpoint's is prepared again with the checkpoint's; a prepared corpus is refused.
+        """
+        self._resume_position = state_dict.get("position")
+        if "tokenizer_json" not in state_dict:
+            return
+        tokenizer = tokenizer_from_str(state_dict["tokenizer_json"], source="the checkpoint's tokenizer")
+        if tokenizer.get_vocab_size() > self.vocab_size:
+            raise ValueError(
+                f"the checkpoint's tokenizer has {tokenizer.get_vocab_size()} tokens, more than "
+                f"data.vocab_size ({self.vocab_size}). Set data.vocab_size to the checkpoint's "
+                f"({state_dict.get('vocab_size')})."
+            )
+        current = self._tokenizer
+        if current is not None and tokenizer_fingerprint(current) == tokenizer_fingerprint(tokenizer):
+            return
+        self._checkpoint_tokenizer = tokenizer
+        self._tokenizer = tokenizer
+        if self._train is not None:
+            logger.warning(
+                "the checkpoint's tokenizer differs from the one of data.*: preparing the corpus again with "
+                "the checkpoint's. Set data.tokenizer_path to a saved copy of it to skip this."
+            )
+            self._train = self._val = self._prepared = None
+            self.setup()
+
+    # ------------------------------------------------------------------------------ baseline
+
+    def unigram_loss(self) -> float:
+        """Cross-entropy (nats/token) of an add-one unigram model on the validation targets.
+
+        Token frequencies come from the whole train stream, smoothed over ``vocab_size`` (the model's
+        output size); the targets are ``stream[1 : num_windows * seq_len + 1]`` of each validation
+        split, the tokens the model is scored on. A trained model must beat this.
+        """
+        counts = np.zeros(self.vocab_size, dtype=np.int64)
+        for p in self.prepared:
+            for chunk in p.splits["train"].chunks():
+                counts += np.bincount(chunk, minlength=self.vocab_size)
+        log_probs = np.log((counts + 1.0) / (counts.sum() + self.vocab_size))
+        targets = np.concatenate([v.store.read(1, len(v) * self.seq_len) for v in self._val or []])
+        return float(-log_probs[targets].mean())
+
+
+def windows_in_batch(batch: torch.Tensor) -> int:
+    """Windows in a batch: ``ThroughputMonitor(batch_size_fn=...)`` for samples/s."""
+    return batch.shape[0]
+
+
+def targets_in_batch(batch: torch.Tensor) -> int:
+    """Next-token targets in a batch (``ThroughputMonitor(length_fn=...)`` for tokens/s).
+
+    Counts ``window_len - 1`` per window, which is exactly the trained positions when
+    ``extra_tokens`` is 0 and overcounts by ``extra_tokens`` per window otherwise.
+    """
+    return batch.shape[0] * (batch.shape[1] - 1)
