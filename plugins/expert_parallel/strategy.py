@@ -30,17 +30,38 @@ by ``dsv3 fit`` never holds more than its share.
 A rank that dies or stops answering makes the others raise ``ExpertParallelCommError`` after at most
 ``timeout`` seconds (every process group of the run uses it), naming the collective and the key.
 
+Redundant experts (DeepSeek-V3's serving layout, placement.py and replicas.py): with
+``redundant_experts: S`` (and/or ``expert_loads``) ``dsv3 validate`` / ``test`` / ``predict`` place every
+MoE layer's E experts on E + S slots from the loads a run recorded (the checkpoint's ExpertLoadMonitor
+state, or a file), duplicating the most loaded ones, so that every expert rank gets about the same
+tokens; routing is unchanged and so are the results (the same logits within 1e-6 relative). The
+checkpoint loads in the even layout, the experts move to their slots when the evaluation starts and
+back when it ends. ``fit`` with redundant experts is refused (copies of an expert would need their
+gradients summed and identical steps). At the end of every evaluation the per-rank token load (max /
+mean over the expert ranks, per MoE layer) is printed and logged as ``ep/rank_load_max_over_mean``,
+with or without redundant experts.
+
 Not supported: 16-bit precision with a gradient scaler together with norm clipping ("16-mixed"; use
-"bf16-mixed"), redundant experts (EPLB). Pipeline parallelism with expert parallelism inside it is
+"bf16-mixed"), training with redundant experts. Pipeline parallelism with expert parallelism inside it is
 DualPipeStrategy's ``expert_parallel_size``, which reuses this package's pieces.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
+from dsv3_lightning.plugins.expert_parallel.all_to_all import collective
+from dsv3_lightning.plugins.expert_parallel.placement import ExpertPlacement, imbalance, place_experts
+from dsv3_lightning.plugins.expert_parallel.replicas import PlacedExperts, read_expert_loads
+from dsv3_lightning.model.router import Router
 from dsv3_lightning.plugins.parallel.mesh import KEY
 from dsv3_lightning.plugins.parallel.strategy import ParallelStrategy, check_model
 
@@ -52,6 +73,17 @@ class ExpertParallelStrategy(ParallelStrategy):
         expert_parallel_size: Ranks that share one copy of the experts; ``trainer.devices ×
             trainer.num_nodes`` must be a multiple (the rest is data parallelism), and
             ``model.config.n_routed_experts`` too.
+        redundant_experts: Extra expert slots per MoE layer for evaluation (DeepSeek-V3's redundant
+            experts): the most loaded experts get copies there. A multiple of ``expert_parallel_size``
+            (every rank gets the same number of slots), at most ``n_routed_experts × (expert_parallel_size
+            − 1)``. Not with ``fit``.
+        expert_loads: Where the per-expert loads for the placement come from: a checkpoint of a run with
+            the ExpertLoadMonitor callback (file or sharded directory), or a torch file of a [MoE layers,
+            experts] tensor. Unset: the checkpoint being evaluated (``--ckpt_path``). Setting it with
+            ``redundant_experts`` 0 re-places the experts without copies.
+        placement: The placement function (``placement.py``'s ``place_experts`` signature, e.g. a
+            dotted path in YAML); default ``place_experts``, hierarchical over nodes of
+            ``ranks_per_node`` ranks when set.
         max_nodes_per_token, ranks_per_node, fp8_dispatch, zero1, checkpoint_format, timeout,
             start_method: as ``ParallelStrategy`` (node-limited routing, FP8 dispatch, ZeRO-1, the
             checkpoint format, the collectives' timeout, launch).
@@ -59,8 +91,61 @@ class ExpertParallelStrategy(ParallelStrategy):
 
     strategy_name = "expert_parallel"
 
-    def __init__(self, expert_parallel_size: int, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        expert_parallel_size: int,
+        *,
+        redundant_experts: int = 0,
+        expert_loads: str | None = None,
+        placement: Callable[..., ExpertPlacement] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if redundant_experts < 0:
+            raise ValueError(f"{KEY}.redundant_experts ({redundant_experts}) must be >= 0 (0: no redundant experts)")
+        if redundant_experts % expert_parallel_size:
+            raise ValueError(
+                f"{KEY}.redundant_experts ({redundant_experts}) must be a multiple of {KEY}.expert_parallel_size "
+                f"({expert_parallel_size}), so that the physical experts divide over the ranks (every rank the same "
+                f"number of slots): use a multiple such as {(redundant_experts // expert_parallel_size + 1) * expert_parallel_size}"
+            )
         super().__init__(expert_parallel_size=expert_parallel_size, **kwargs)  # YAML sees the base's options
+        self.redundant_experts = redundant_experts
+        self.expert_loads = expert_loads
+        self.placement_fn = placement or place_experts
+        self.places_experts = redundant_experts > 0 or expert_loads is not None
+        self.placement: ExpertPlacement | None = None
+        """The last evaluation's placement (None before one, or without redundant experts)."""
+        self.rank_load: dict[str, torch.Tensor] = {}
+        """The last evaluation's tokens per expert rank: ``rank_loads_LR`` [MoE layers, R] (summed over
+        data replicas) and ``max_over_mean_L``."""
+        self._placed: PlacedExperts | None = None
+        self._router_start: list[torch.Tensor] = []
+        self._loads_LE: torch.Tensor | None = None
+
+    @override
+    def check_model(self, module: torch.nn.Module) -> None:
+        super().check_model(module)
+        if self.places_experts:
+            from dsv3_lightning.plugins.expert_parallel.sharding import moe_layers
+
+            num_experts = moe_layers(module)[0][1].experts.num_experts
+            R, S = self.expert_parallel_size, self.redundant_experts
+            if S > num_experts * (R - 1):
+                raise ValueError(
+                    f"{KEY}.redundant_experts ({S}) asks for {(num_experts + S) // R} slots per rank, more than the "
+                    f"{num_experts} experts (model.config.n_routed_experts) a rank can hold one copy each of: use at "
+                    f"most {num_experts * (R - 1)}"
+                )
+
+    @override
+    def setup(self, trainer: pl.Trainer) -> None:
+        if self.places_experts and trainer.state.fn == TrainerFn.FITTING:
+            raise NotImplementedError(
+                f"{KEY}.redundant_experts ({self.redundant_experts}) / expert_loads ({self.expert_loads}) place experts for "
+                "dsv3 validate, test and predict only: training with copies of an expert would need their gradients "
+                f"summed and identical optimizer steps. Set {KEY}.redundant_experts to 0 and expert_loads to null for fit"
+            )
+        super().setup(trainer)
 
     @override
     def optimizer_step(self, optimizer, closure, model=None, **kwargs: Any) -> Any:
@@ -70,6 +155,147 @@ class ExpertParallelStrategy(ParallelStrategy):
             return result
 
         return super().optimizer_step(optimizer, synchronised_closure, model, **kwargs)
+
+    # ------------------------------------------------------------------ evaluation: placement, rank loads
+    def _moe_rows(self) -> list[int]:
+        """For each expert shard, its row in the recorded loads: ExpertLoadMonitor's router order (the
+        model's MoE layers, then those of the prediction heads)."""
+        module = self.lightning_module
+        routers = list(module.model.routers()) + [
+            m for head in getattr(module, "heads", []) for m in head.modules() if isinstance(m, Router)
+        ]
+        index = {id(r): i for i, r in enumerate(routers)}
+        return [index[id(shard.moe.gate)] for shard in self._shards]
+
+    def expert_loads_for_placement(self) -> torch.Tensor:
+        """[MoE layers, E]: the loads to place by, rows in this strategy's shard order (override to take
+        them from elsewhere)."""
+        key = f"{KEY}.expert_loads"
+        source = self.expert_loads or getattr(self.lightning_module.trainer, "ckpt_path", None)
+        if source is None:
+            raise ValueError(
+                f"{KEY}.redundant_experts ({self.redundant_experts}) needs recorded expert loads: set {key} to a checkpoint "
+                "of a run with the ExpertLoadMonitor callback (or a torch file of a [layers, experts] tensor), or "
+                "evaluate a checkpoint (--ckpt_path) that has them"
+            )
+        loads = read_expert_loads(source, key)
+        rows = self._moe_rows()
+        num_experts = self._shards[0].num_experts
+        if loads.dim() != 2 or loads.shape[1] != num_experts or loads.shape[0] != len(rows):
+            raise ValueError(
+                f"{key} ({source}) holds loads of shape {list(loads.shape)}, but this model has {len(rows)} MoE layer(s) "
+                f"(model.config.num_hidden_layers - first_k_dense_replace, plus MTP heads) of {num_experts} experts "
+                f"(model.config.n_routed_experts): give the loads recorded by a run of this model shape"
+            )
+        return loads[rows]
+
+    def compute_placement(self, loads_LE: torch.Tensor) -> ExpertPlacement:
+        """The placement of every MoE layer (``placement`` with this run's ranks, nodes and groups), checked."""
+        R = self.expert_parallel_size
+        num_experts = self._shards[0].num_experts
+        P = num_experts + self.redundant_experts
+        r = self.ranks_per_node
+        num_nodes = R // r if r is not None and 1 < r < R and R % r == 0 else 1
+        num_groups = self._shards[0].moe.gate.n_group
+        placement = self.placement_fn(loads_LE, P, R, num_nodes=num_nodes, num_groups=num_groups)
+        name = getattr(self.placement_fn, "__qualname__", type(self.placement_fn).__name__)
+        what = f"{KEY}.placement ({name})"
+        if not isinstance(placement, ExpertPlacement):
+            raise ValueError(f"{what} returned {type(placement).__name__}, not an ExpertPlacement")
+        if placement.num_ranks != R or placement.num_physical_experts != P:
+            raise ValueError(
+                f"{what} placed {placement.num_physical_experts} physical experts on {placement.num_ranks} ranks; "
+                f"this run has {P} (n_routed_experts {num_experts} + redundant_experts {self.redundant_experts}) on {R}"
+            )
+        try:
+            placement.check(len(self._shards), num_experts, what)
+        except ValueError as err:
+            raise ValueError(f"{err}; fix the placement function or use the default (placement: null)") from err
+        return placement
+
+    def _start_evaluation(self) -> None:
+        if not self._shards:
+            return
+        self._router_start = [shard.moe.gate.tokens_routed_total.detach().cpu().clone() for shard in self._shards]
+        if not self.places_experts:
+            return
+        if self.placement is None:
+            self._loads_LE = self.expert_loads_for_placement()
+            self.placement = self.compute_placement(self._loads_LE)
+        mesh = self.mesh
+        self._placed = PlacedExperts(
+            self._shards, self.placement, self.make_dispatcher, mesh.expert_rank,
+            self._expert_comm("expert placement"), rotation=mesh.replica_rank,
+        )
+        before = imbalance(ExpertPlacement.even(len(self._shards), self._shards[0].num_experts, mesh.expert_parallel_size)
+                           .rank_loads(self._loads_LE))
+        after = imbalance(self.placement.rank_loads(self._loads_LE))
+        rank_zero_info(
+            f"{self.strategy_name}: {self.placement.num_physical_experts} slots per MoE layer "
+            f"({self.redundant_experts} redundant), {self.placement.slots_per_rank} per rank; predicted rank load "
+            f"max/mean from the recorded loads: {before.mean():.3f} even -> {after.mean():.3f} placed"
+        )
+
+    def _end_evaluation(self, stage: str) -> None:
+        if not self._shards:
+            return
+        R = self.expert_parallel_size
+        if self._placed is not None:
+            slots_LP = torch.stack([d.tokens_per_slot_P for d in self._placed.dispatchers()]).double()
+        else:
+            slots_LP = torch.stack([
+                shard.moe.gate.tokens_routed_total.detach().cpu() - start
+                for shard, start in zip(self._shards, self._router_start)
+            ]).double()
+        total = slots_LP.to(self.root_device)
+        comm = self.mesh.comm(self.mesh.block_group, "per-rank load logs")
+        collective(comm, "rank-load all-reduce", lambda: dist.all_reduce(total, group=comm.group))
+        rank_loads_LR = total.cpu().view(len(self._shards), R, -1).sum(-1)
+        ratio_L = imbalance(rank_loads_LR)
+        self.rank_load = {"rank_loads_LR": rank_loads_LR, "max_over_mean_L": ratio_L}
+        if self._placed is not None:
+            self._placed.restore()
+            self._placed = None
+        metrics = {"ep/rank_load_max_over_mean": float(ratio_L.mean())}
+        metrics.update({f"ep/rank_load_max_over_mean/moe_{i}": float(v) for i, v in enumerate(ratio_L)})
+        trainer = self.lightning_module.trainer
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        rank_zero_info(
+            f"{self.strategy_name}: {stage} tokens per expert rank, max/mean over {R} ranks per MoE layer: "
+            + ", ".join(f"{v:.3f}" for v in ratio_L.tolist())
+            + (" (redundant experts placed)" if self.places_experts else "")
+        )
+
+    @override
+    def on_validation_start(self) -> None:
+        super().on_validation_start()
+        self._start_evaluation()
+
+    @override
+    def on_validation_end(self) -> None:
+        self._end_evaluation("validation")
+        super().on_validation_end()
+
+    @override
+    def on_test_start(self) -> None:
+        super().on_test_start()
+        self._start_evaluation()
+
+    @override
+    def on_test_end(self) -> None:
+        self._end_evaluation("test")
+        super().on_test_end()
+
+    @override
+    def on_predict_start(self) -> None:
+        super().on_predict_start()
+        self._start_evaluation()
+
+    @override
+    def on_predict_end(self) -> None:
+        self._end_evaluation("predict")
+        super().on_predict_end()
 
 
 __all__ = ["KEY", "ExpertParallelStrategy", "check_model"]
