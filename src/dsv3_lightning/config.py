@@ -52,9 +52,10 @@ class YarnRopeScaling:
                 f"{_KEY}.rope_scaling.original_max_position_embeddings "
                 f"({self.original_max_position_embeddings}) must be positive"
             )
-        if self.beta_fast <= self.beta_slow:
+        if self.beta_fast < self.beta_slow:
             raise ValueError(
-                f"{_KEY}.rope_scaling.beta_fast ({self.beta_fast}) must exceed beta_slow ({self.beta_slow})"
+                f"{_KEY}.rope_scaling.beta_fast ({self.beta_fast}) must be at least beta_slow ({self.beta_slow}); "
+                "equal values (Kimi-K2: 1 and 1) give the narrowest ramp"
             )
 
     @staticmethod
@@ -113,6 +114,9 @@ class ModelConfig:
     """RoPE base θ."""
     rope_scaling: YarnRopeScaling | None = None
     """YaRN scaling of RoPE; None for plain RoPE (pre-training at 4K)."""
+    rope_interleave: bool = True
+    """RoPE rotates interleaved pairs (x[2i], x[2i+1]), as DeepSeek's weights expect; false rotates the
+    two halves (x[i], x[i + d/2]), HF's ``rotate_half``, for checkpoints trained that way."""
     rms_norm_eps: float = 1e-6
     """Epsilon of the block and final RMSNorms (the latent norms use 1e-6, as the released model)."""
     num_nextn_predict_layers: int = 0
@@ -180,6 +184,8 @@ class ModelConfig:
                 "routing scores a group by the sum of its top-2 experts; use at most "
                 f"{self.n_routed_experts // 2} groups"
             )
+        if not isinstance(self.rope_interleave, bool):
+            raise ValueError(f"{_KEY}.rope_interleave ({self.rope_interleave!r}) must be true or false")
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, YarnRopeScaling):
             raise ValueError(f"{_KEY}.rope_scaling ({self.rope_scaling!r}) must be a YaRN mapping or null")
 

@@ -23,7 +23,12 @@ is built on the meta device and each tensor is read into a file-backed buffer (e
 time into their stacked tensor), so the process holds about one tensor at a time.
 
 Hugging Face (DeepSeek's FP8 release, ``weight_scale_inv`` per 128x128 block) -> Hugging Face: the
-FP8 plugin's dequantizer, shard by shard.
+core's dequantizer (hf_checkpoint.py), shard by shard, scales found through the index in whichever
+shard; tensors that are not FP8 keep their stored dtype. FP8 -> .ckpt dequantizes block by block
+while streaming each tensor into its file-backed buffer.
+
+Every family hf_families.py lists is read (deepseek_v3, deepseek_v2, kimi_k2, kimi_k25's text model,
+glm4_moe_lite); a model_type of another architecture is refused with that list.
 
 DST is never overwritten by surprise: a non-empty DST directory, or an existing DST file, is refused
 unless ``--overwrite`` is given (SRC itself always is). With it, DST's model files (``config.json``,
@@ -54,7 +59,7 @@ import torch
 
 from dsv3_lightning.config import ModelConfig
 from dsv3_lightning.heads import build_head
-from dsv3_lightning.hf import CONFIG_NAME, INDEX_FILE, config_from_hf, extra_layer_indices, new_file_mode
+from dsv3_lightning.hf import CONFIG_NAME, INDEX_FILE, config_from_hf, extra_layer_indices, new_file_mode, origin_of
 from dsv3_lightning.loading import module_from_checkpoint
 from dsv3_lightning.sharded_checkpoint import looks_sharded, resolve
 
@@ -96,13 +101,14 @@ def _checkpoint_to_hf(checkpoint: dict, src: Path, dst: Path, max_shard_size: in
         (dst / "tokenizer.json").write_text(tokenizer, encoding="utf-8")
 
 
-def _hf_to_ckpt(src: Path, dst: Path, config: ModelConfig, mtp_head: str) -> None:
-    """Streams: each tensor is read once into a file-backed buffer beside ``dst`` (so the kernel, not
-    the process, holds the model), then ``torch.save`` copies the buffers into the checkpoint."""
-    from dsv3_lightning.hf import _CheckpointReader, _read_hf_state
+def _hf_to_ckpt(src: Path, dst: Path, config: ModelConfig, hf: dict, mtp_head: str) -> None:
+    """Streams: each tensor is read once (FP8 dequantized block by block) into a file-backed buffer
+    beside ``dst`` (so the kernel, not the process, holds the model), then ``torch.save`` copies the
+    buffers into the checkpoint."""
+    from dsv3_lightning.hf import CheckpointReader, _read_hf_state
     from dsv3_lightning.module import DSV3LightningModule
 
-    reader = _CheckpointReader(src)
+    reader = CheckpointReader(src, hf_config=hf)
     n = config.num_hidden_layers
     depth = len(extra_layer_indices(reader.weight_map, n))
     heads = [build_head({"class_path": mtp_head, "init_args": {"depth": depth}})] if depth else []
@@ -115,14 +121,11 @@ def _hf_to_ckpt(src: Path, dst: Path, config: ModelConfig, mtp_head: str) -> Non
             numel = math.prod(shape)
             return torch.from_file(f"{tmp}/{next(buffers)}", shared=True, size=numel, dtype=dtype).view(shape)
 
-        # the release repeats the embedding and output matrix in every MTP layer: the model's own serve
-        copies = ("embed_tokens.weight", "shared_head.head.weight")
-        state, extra = _read_hf_state(reader, module.model.state_dict(), n, allocate=file_backed,
-                                      skip_extra=lambda key: key.endswith(copies))
+        state, _ = _read_hf_state(reader, module.model.state_dict(), n, allocate=file_backed, read_extra=False)
         module.model.load_state_dict(state, strict=True, assign=True)
         module.model.reset_buffers()
-        module.model.mtp_checkpoint_state = extra
-        for head in module.heads:  # rebuilt on the CPU, from the MTP tensors just read
+        module.model.hf_origin = origin_of(src, hf, reader, n)
+        for head in module.heads:  # rebuilt on the CPU, reading the MTP tensors from hf_origin
             head.attach(module.model)
         state_dict = module.state_dict()
         unfilled = [name for name, tensor in state_dict.items() if tensor.is_meta]
@@ -196,18 +199,19 @@ def _plan(
     config = json.loads((source / "config.json").read_text()) if (source / "config.json").is_file() else None
     if config is None:
         raise FileNotFoundError(f"{source}/config.json: missing; SRC must be a Hugging Face model directory")
-    if config.get("quantization_config"):
-        from dsv3_lightning.plugins.fp8.checkpoint import dequantize_checkpoint
+    model_config = config_from_hf(config, source=str(source / "config.json"))  # refuses other architectures
+    quantized = config.get("quantization_config") or (config.get("text_config") or {}).get("quantization_config")
+    if quantized and target.suffix != ".ckpt":
+        from dsv3_lightning.hf_checkpoint import dequantize_checkpoint
 
         if target.is_file():
             raise ValueError(f"{dst}: dequantizing gives a Hugging Face directory; name a directory")
         return lambda: dequantize_checkpoint(source, target, dtype=torch.float32)
-    model_config = config_from_hf(config, source=str(source / "config.json"))  # refuses other architectures
     if target.suffix != ".ckpt" or target.is_dir():
         raise ValueError(
             f"{dst}: converting a Hugging Face directory gives a Lightning checkpoint; name a .ckpt file"
         )
-    return lambda: _hf_to_ckpt(source, target, model_config, mtp_head)
+    return lambda: _hf_to_ckpt(source, target, model_config, config, mtp_head)
 
 
 # ------------------------------------------------------------------------------------ DST guard

@@ -1,193 +1,90 @@
 """Hugging Face checkpoint interop: ``config.json`` and safetensors <-> ``ModelConfig`` and ``DeepSeekV3``.
 
-Our module names are the checkpoint's, so the state-dict mapping has one real rule: routed experts
-are stored stacked in memory (``experts.gate_up_proj`` [E, 2I, D], gate rows first, and
-``experts.down_proj`` [E, D, I]) and per expert on disk (``experts.{e}.gate_proj.weight`` ...), as
-transformers writes them (HF_INTEROP.md §5).
+Every checkpoint of the MLA + DeepSeekMoE family that transformers describes is read and written
+back in its own model_type: deepseek_v3, deepseek_v2, kimi_k2, the text model of kimi_k25 and
+glm4_moe_lite (hf_families.py holds the table of their differences, each mapped to a
+``ModelConfig`` field). Three small modules do the work:
+
+- hf_families.py: config.json <-> ``ModelConfig``, per family;
+- hf_checkpoint.py: tensors by key from one or many shards, prefixes removed, block FP8 dequantized
+  while streaming (scales found through the index, in whichever shard);
+- hf_experts.py: the one adapter between stacked experts (memory) and per-expert keys (disk).
 
 Loading streams: the model is built on the meta device and each tensor is read from its shard once,
 so peak memory is about one model. Keys of layers ``>= num_hidden_layers`` are DeepSeek's
-multi-token-prediction modules; the core model has none, so they are returned separately and
-reported, never dropped silently. Saving writes each file under a temporary name and renames it into
-place, the index after the shards and ``config.json`` last, so an interrupted save never leaves a
-directory that looks complete but is not; every file gets the mode of a new file under the umask
-(``new_file_mode``), not the 0600 of safetensors' own temporary file.
-
-Sigmoid routers are written as ``deepseek_v3``; softmax routers as ``deepseek_v2`` (the only Hugging
-Face class that computes them), which has no selection bias and no gate normalisation.
+multi-token-prediction modules; the core model has none and holds none of their values: their keys
+and the source directory are recorded in ``model.hf_origin`` (``HFOrigin``), from which the MTP
+head reads them when it is attached and ``save_pretrained`` copies them back, never dropped silently.
+Saving writes each file under a temporary name and renames it into place, the index after the shards
+and ``config.json`` last, so an interrupted save never leaves a directory that looks complete but is
+not; every file gets the mode of a new file under the umask (``new_file_mode``), not the 0600 of
+safetensors' own temporary file.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from dsv3_lightning.config import ModelConfig, YarnRopeScaling
+from dsv3_lightning.config import ModelConfig
+from dsv3_lightning.hf_checkpoint import CONFIG_NAME, INDEX_FILE, SINGLE_FILE, CheckpointReader, read_json
+from dsv3_lightning.hf_experts import PER_EXPERT_KEY, expert_keys, stack_expert, stacked_leaf, unstack
+from dsv3_lightning.hf_families import (
+    SUPPORTED_MODEL_TYPES, config_from_hf, config_to_hf, default_family, dumps, text_config,
+)  # fmt: skip
 
 if TYPE_CHECKING:
     from dsv3_lightning.model.transformer import DeepSeekV3
 
 log = logging.getLogger(__name__)
 
-CONFIG_NAME = "config.json"
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
-SUPPORTED_MODEL_TYPES = ("deepseek_v3", "deepseek_v2")
-
-# HF config entries that must have these values for our model to compute the same function.
-_REQUIRED_HF_VALUES = {
-    "hidden_act": "silu",
-    "attention_bias": False,
-    "mlp_bias": False,
-    "tie_word_embeddings": False,
-    "moe_layer_freq": 1,
-    "ep_size": 1,
-}
-_EXPERT_KEY = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
+_CheckpointReader = CheckpointReader  # the name model/materialize.py and older callers use
+_read_json = read_json
+state_dict_to_hf = unstack
 
 
-# ---------------------------------------------------------------------------------------- config
-def config_from_hf(hf: Mapping[str, Any], *, source: str = CONFIG_NAME) -> ModelConfig:
-    """Our config from a Hugging Face DeepseekV3 (or V2) ``config.json`` mapping."""
-    model_type = hf.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(
-            f"{source}: model_type {model_type!r} is not supported; dsv3_lightning loads "
-            f"{' or '.join(SUPPORTED_MODEL_TYPES)} checkpoints. Point from_pretrained at a DeepSeek-V3 "
-            "(or V2) Hugging Face directory."
-        )
-    for key, expected in _REQUIRED_HF_VALUES.items():
-        if key in hf and hf[key] is not None and hf[key] != expected:
-            raise ValueError(f"{source}: {key} = {hf[key]!r} is not supported (only {expected!r})")
-    heads = hf.get("num_key_value_heads")
-    if heads is not None and heads != hf.get("num_attention_heads"):
-        raise ValueError(
-            f"{source}: num_key_value_heads ({heads}) must equal num_attention_heads: MLA has no GQA"
-        )
-    if hf.get("quantization_config"):
-        raise ValueError(
-            f"{source}: the checkpoint is quantized ({hf['quantization_config'].get('quant_method')!r}); "
-            "dequantize it first: python -m dsv3_lightning.plugins.fp8.checkpoint dequantize SRC DST"
-        )
+@dataclass
+class HFOrigin:
+    """Where a model read by ``from_pretrained`` came from: what writing it back needs.
 
-    fields = {name for name in ModelConfig.__dataclass_fields__}
-    values = {k: v for k, v in hf.items() if k in fields and k != "rope_scaling" and v is not None}
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if "rope_theta" in rope:
-        values["rope_theta"] = rope["rope_theta"]
-    if rope_type == "yarn":
-        yarn = {k: v for k, v in rope.items() if k in YarnRopeScaling.__dataclass_fields__}
-        # HF treats an absent mscale / mscale_all_dim as "off" (falsy), not as 1.
-        yarn["mscale"], yarn["mscale_all_dim"] = yarn.get("mscale") or 0.0, yarn.get("mscale_all_dim") or 0.0
-        values["rope_scaling"] = YarnRopeScaling(**yarn)
-    elif rope_type != "default":
-        raise ValueError(f"{source}: rope type {rope_type!r} is not supported; use 'yarn' or none")
+    The core model holds no tensor beyond its own: the checkpoint's extra tensors (MTP modules,
+    layers >= num_hidden_layers) stay in the source directory, listed in ``extra_keys`` and read on
+    demand (``read_extra``) by the MTP head when attached and by ``save_pretrained``.
+    """
 
-    if model_type == "deepseek_v2":
-        values["scoring_func"] = "softmax"
-        if hf.get("topk_method", "greedy") == "greedy":
-            values["n_group"] = values["topk_group"] = 1
-        values.setdefault("norm_topk_prob", False)
-    elif hf.get("scoring_func", "sigmoid") != "sigmoid":
-        raise ValueError(f"{source}: deepseek_v3 with scoring_func {hf['scoring_func']!r} is not supported")
-    return ModelConfig(**values)
+    path: Path
+    """The source directory."""
+    model_type: str
+    """The family the model is written back as (kimi_k25: its text model's model_type)."""
+    config: dict[str, Any]
+    """The source's config.json (kimi_k25: its text_config), written back with our values."""
+    extra_keys: tuple[str, ...] = ()
+    """Checkpoint keys of layers >= num_hidden_layers (multi-token-prediction modules)."""
+    left_out: tuple[str, ...] = field(default=(), repr=False)
+    """Stored keys outside the text model (kimi_k25's vision tower and projector), never read."""
 
-
-def config_to_hf(config: ModelConfig, *, dtype: torch.dtype) -> dict[str, Any]:
-    """The ``config.json`` that transformers' DeepseekV3ForCausalLM (or V2 for softmax) loads."""
-    hf: dict[str, Any] = {k: v for k, v in config.to_dict().items() if k != "rope_scaling"}
-    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": config.rope_theta}
-    if config.rope_scaling is not None:
-        rope = {"rope_type": "yarn", "rope_theta": config.rope_theta, **dataclasses.asdict(config.rope_scaling)}
-    v3 = config.scoring_func == "sigmoid"
-    hf.update(
-        architectures=["DeepseekV3ForCausalLM" if v3 else "DeepseekV2ForCausalLM"],
-        model_type="deepseek_v3" if v3 else "deepseek_v2",
-        num_key_value_heads=config.num_attention_heads,
-        head_dim=config.qk_rope_head_dim,
-        hidden_act="silu",
-        attention_bias=False,
-        tie_word_embeddings=False,
-        rope_parameters=rope,
-        dtype=str(dtype).removeprefix("torch."),
-    )
-    if v3:
-        hf.update(topk_method="noaux_tc", rope_interleave=True)
-    else:
-        hf["topk_method"] = "greedy" if config.n_group == 1 else "group_limited_greedy"
-    return hf
-
-
-# ---------------------------------------------------------------------------------------- state dict
-def state_dict_to_hf(state: Mapping[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Our (stacked-expert) state dict as Hugging Face (per-expert) keys, lazily."""
-    for name, tensor in state.items():
-        if name.endswith("mlp.experts.gate_up_proj"):
-            prefix = name.removesuffix(".gate_up_proj")
-            gate, up = tensor.chunk(2, dim=1)
-            for e in range(tensor.shape[0]):
-                yield f"{prefix}.{e}.gate_proj.weight", gate[e]
-                yield f"{prefix}.{e}.up_proj.weight", up[e]
-        elif name.endswith("mlp.experts.down_proj"):
-            prefix = name.removesuffix(".down_proj")
-            for e in range(tensor.shape[0]):
-                yield f"{prefix}.{e}.down_proj.weight", tensor[e]
-        else:
-            yield name, tensor
-
-
-class _CheckpointReader:
-    """Random access to the tensors of a single-file or index-sharded safetensors checkpoint."""
-
-    def __init__(self, path: Path) -> None:
-        from safetensors import safe_open
-
-        if (path / INDEX_FILE).is_file():
-            weight_map = _read_json(path / INDEX_FILE)["weight_map"]
-            files = sorted(set(weight_map.values()))
-        elif (path / SINGLE_FILE).is_file():
-            files, weight_map = [SINGLE_FILE], None
-        else:
+    def read_extra(self, skip: Callable[[str], bool] = lambda key: False) -> dict[str, torch.Tensor]:
+        """The ``extra_keys`` tensors, read now from the source (FP8 dequantized)."""
+        keys = [key for key in self.extra_keys if not skip(key)]
+        if not keys:
+            return {}
+        reader = CheckpointReader(self.path)
+        missing = [key for key in keys if key not in reader.weight_map]
+        if missing:
             raise FileNotFoundError(
-                f"{path}: no {SINGLE_FILE} or {INDEX_FILE}; is this a Hugging Face model directory?"
+                f"{self.path}: the checkpoint this model was loaded from no longer holds {missing[:3]}; "
+                "keep the source directory until the model is saved, or pass extra_state explicitly"
             )
-        self._handles = {}
-        for file in files:
-            try:
-                self._handles[file] = safe_open(str(path / file), framework="pt")
-            except Exception as err:  # safetensors raises its own error types for truncated headers
-                raise ValueError(f"{path / file}: unreadable safetensors file ({err}); re-download or re-save it") from err
-        if weight_map is None:
-            weight_map = {key: SINGLE_FILE for key in self._handles[SINGLE_FILE].keys()}
-        self.weight_map: dict[str, str] = weight_map
-        self.path = path
-
-    def get(self, key: str) -> torch.Tensor:
-        try:
-            return self._handles[self.weight_map[key]].get_tensor(key)
-        except KeyError:
-            raise
-        except Exception as err:
-            raise ValueError(f"{self.path / self.weight_map[key]}: cannot read {key!r} ({err}); the file is corrupt") from err
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from err
+        return {key: reader.get(key) for key in keys}
 
 
 def extra_layer_indices(keys: Iterable[str], num_hidden_layers: int) -> set[int]:
@@ -196,49 +93,47 @@ def extra_layer_indices(keys: Iterable[str], num_hidden_layers: int) -> set[int]
 
 
 def _read_hf_state(
-    reader: _CheckpointReader,
+    reader: CheckpointReader,
     expected: Mapping[str, torch.Tensor],
     num_layers: int,
     *,
     allocate: Callable[[torch.Size, torch.dtype], torch.Tensor] | None = None,
     skip_extra: Callable[[str], bool] = lambda key: False,
+    read_extra: bool = True,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(our state dict for the ``expected`` names, the MTP tensors of layers >= num_layers).
 
     ``allocate(shape, dtype)``, when given, makes the tensor each entry is copied into (streaming
     conversion passes file-backed memory, so that only one checkpoint tensor at a time is held);
-    ``skip_extra(key)`` leaves out MTP tensors the caller does not need.
+    ``skip_extra(key)`` leaves out MTP tensors the caller does not need; ``read_extra=False`` returns
+    their keys mapped to None instead of reading them.
     """
-    experts: dict[str, dict[tuple[int, str], str]] = {}
     plain, extra = {}, {}
     for key in reader.weight_map:
         layer = _LAYER_KEY.match(key)
         if layer and int(layer.group(1)) >= num_layers:
             if not skip_extra(key):
-                extra[key] = reader.get(key)
-        elif match := _EXPERT_KEY.match(key):
-            experts.setdefault(match.group(1), {})[(int(match.group(2)), match.group(3))] = key
-        else:
+                extra[key] = reader.get(key) if read_extra else None
+        elif not PER_EXPERT_KEY.match(key):
             plain[key] = key
     state: dict[str, torch.Tensor] = {}
     missing, shapes = [], []
     for name, ref in expected.items():
-        prefix, _, leaf = name.rpartition(".")
-        if leaf in ("gate_up_proj", "down_proj") and prefix.endswith("mlp.experts"):
-            parts = ("gate_proj", "up_proj") if leaf == "gate_up_proj" else ("down_proj",)
-            keys = experts.get(prefix, {})
-            needed = [(e, p) for e in range(ref.shape[0]) for p in parts]
-            absent = [f"{prefix}.{e}.{p}.weight" for e, p in needed if (e, p) not in keys]
+        if found := stacked_leaf(name):
+            prefix, leaf = found
+            absent = [
+                key for e in range(ref.shape[0]) for key in expert_keys(prefix, leaf, e) if key not in reader.weight_map
+            ]  # fmt: skip
             if absent:
                 missing += absent
                 continue
             tensor = None
             for e in range(ref.shape[0]):  # one expert at a time into the stacked tensor
-                expert = torch.cat([reader.get(keys[(e, p)]) for p in parts], dim=0)
+                row = stack_expert(reader.get, prefix, leaf, e)
                 if tensor is None:
-                    shape = (ref.shape[0], *expert.shape)
-                    tensor = allocate(shape, expert.dtype) if allocate else torch.empty(shape, dtype=expert.dtype)
-                tensor[e] = expert
+                    shape = (ref.shape[0], *row.shape)
+                    tensor = allocate(shape, row.dtype) if allocate else torch.empty(shape, dtype=row.dtype)
+                tensor[e] = row
         elif name in plain:
             tensor = reader.get(plain.pop(name))
             if allocate is not None:
@@ -258,25 +153,46 @@ def _read_hf_state(
     if unexpected:
         problems.append(f"{len(unexpected)} unexpected tensor(s), e.g. {unexpected[:3]}")
     if problems:
-        raise ValueError(
-            f"{reader.path}: checkpoint does not match its config.json: " + "; ".join(problems)
-        )
+        raise ValueError(f"{reader.path}: checkpoint does not match its config.json: " + "; ".join(problems))
     return state, extra
+
+
+def read_config(path: Path) -> tuple[ModelConfig, dict[str, Any]]:
+    """(our config, the config.json mapping) of the Hugging Face directory ``path``."""
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such checkpoint directory")
+    config_path = path / CONFIG_NAME
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path}: missing; a Hugging Face model directory needs a config.json")
+    hf = read_json(config_path)
+    return config_from_hf(hf, source=str(config_path)), hf
+
+
+def origin_of(path: Path, hf: Mapping[str, Any], reader: CheckpointReader, num_layers: int) -> HFOrigin:
+    """The ``HFOrigin`` of a directory: its family, config and keys beyond the core model."""
+    family, text = text_config(hf, source=str(path / CONFIG_NAME))
+    extra = tuple(sorted(k for k in reader.weight_map if (m := _LAYER_KEY.match(k)) and int(m.group(1)) >= num_layers))
+    if reader.left_out:
+        log.warning(
+            "%s: model_type %r: the text model (text_config, %s) is loaded; the vision tower and projector "
+            "(%d tensor(s), e.g. %s) are left out: dsv3_lightning models text only, and save_pretrained writes "
+            "the text model as %r",
+            path, hf.get("model_type"), family, len(reader.left_out), reader.left_out[:2], family,
+        )  # fmt: skip
+    return HFOrigin(path, family, dict(text), extra, tuple(reader.left_out))
 
 
 # ---------------------------------------------------------------------------------------- load / save
 def load_pretrained(
     cls: type[DeepSeekV3], path: str | os.PathLike, *, dtype: torch.dtype | None = None
 ) -> DeepSeekV3:
-    """Builds ``cls`` from a Hugging Face directory; MTP tensors, if any, land in ``model.mtp_checkpoint_state``."""
+    """Builds ``cls`` from a Hugging Face directory of any supported family, FP8 dequantized.
+
+    ``model.hf_origin`` records the source (family, config.json, MTP keys) for writing it back.
+    """
     path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: no such checkpoint directory")
-    config_path = path / CONFIG_NAME
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path}: missing; a Hugging Face model directory needs a config.json")
-    config = config_from_hf(_read_json(config_path), source=str(config_path))
-    reader = _CheckpointReader(path)
+    config, hf = read_config(path)
+    reader = CheckpointReader(path, hf_config=hf)
     dtype = dtype or torch.get_default_dtype()
     with torch.device("meta"):
         model = cls(config)
@@ -285,7 +201,7 @@ def load_pretrained(
     if config.scoring_func == "softmax":
         absent_in_v2 = {k: torch.zeros(v.shape) for k, v in expected.items() if k.endswith("e_score_correction_bias")}
         expected = {k: v for k, v in expected.items() if k not in absent_in_v2}
-    state, extra = _read_hf_state(reader, expected, config.num_hidden_layers)
+    state, _ = _read_hf_state(reader, expected, config.num_hidden_layers, read_extra=False)
     state.update(absent_in_v2)
     state = {  # the selection bias stays float32 whatever the weights' dtype
         name: tensor.to(torch.float32 if name.endswith("e_score_correction_bias") else dtype)
@@ -294,16 +210,14 @@ def load_pretrained(
     model.load_state_dict(state, strict=True, assign=True)
     model.to(dtype)
     model.reset_buffers()
-    model.mtp_checkpoint_state = extra
-    if extra:
+    model.hf_origin = origin_of(path, hf, reader, config.num_hidden_layers)
+    if model.hf_origin.extra_keys:
         log.warning(
             "%s: %d tensor(s) of layers >= num_hidden_layers (%d) are multi-token-prediction modules; the "
-            "core model does not use them (attach dsv3_lightning.plugins.mtp to load them): kept in "
-            "model.mtp_checkpoint_state and written back by save_pretrained",
-            path,
-            len(extra),
-            config.num_hidden_layers,
-        )
+            "core model does not use them (attach dsv3_lightning.plugins.mtp to load them): listed in "
+            "model.hf_origin.extra_keys, read from %s when a head is attached, and written back by save_pretrained",
+            path, len(model.hf_origin.extra_keys), config.num_hidden_layers, path,
+        )  # fmt: skip
     return model
 
 
@@ -313,15 +227,21 @@ def save_pretrained(
     *,
     max_shard_size: int = 5 * 2**30,
     extra_state: Mapping[str, torch.Tensor] | None = None,
+    model_type: str | None = None,
 ) -> None:
     """Writes ``config.json`` and safetensors shards (with an index when there are several).
 
-    ``extra_state`` (default: the MTP tensors the model was loaded with) is written beside the model's
-    own tensors under its checkpoint keys.
+    ``model_type`` (default: the family the model was loaded from, else deepseek_v3, or deepseek_v2
+    for softmax routing) picks the config.json written; from the source's own config.json when the
+    family is the source's. ``extra_state`` (default: the MTP tensors of the source checkpoint,
+    ``model.hf_origin``) is written beside the model's own tensors under its checkpoint keys.
     """
     from safetensors.torch import save_file
 
     config = model.config
+    origin = model.hf_origin
+    family = model_type or (origin.model_type if origin is not None else default_family(config))
+    base = origin.config if origin is not None and origin.model_type == family else None
     if config.scoring_func == "softmax":
         if config.norm_topk_prob or any(r.e_score_correction_bias.any() for r in model.routers()):
             raise ValueError(
@@ -329,13 +249,15 @@ def save_pretrained(
                 "normalisation nor a selection bias: set model.config.norm_topk_prob to false and keep "
                 "the bias at zero, or use scoring_func 'sigmoid'"
             )
+    dtype = next(p.dtype for p in model.parameters())
+    hf_config = config_to_hf(config, dtype=dtype, family=family, base=base)  # refuses before any write
+    if extra_state is None:
+        extra_state = origin.read_extra() if origin is not None else {}  # read before SRC may be overwritten
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tensors = dict(state_dict_to_hf(model.state_dict()))
+    tensors = dict(unstack(model.state_dict()))
     if config.scoring_func == "softmax":
         tensors = {k: v for k, v in tensors.items() if not k.endswith("e_score_correction_bias")}
-    if extra_state is None:
-        extra_state = getattr(model, "mtp_checkpoint_state", {})
     tensors.update(extra_state)
 
     shards: list[dict[str, torch.Tensor]] = [{}]
@@ -366,13 +288,11 @@ def save_pretrained(
             "weight_map": {key: name for name, shard in zip(names, shards) for key in shard},
         }
         _atomic(path / INDEX_FILE, lambda tmp: tmp.write_text(json.dumps(index, indent=2, sort_keys=True)))
-    dtype = next(p.dtype for p in model.parameters())
-    hf_config = config_to_hf(config, dtype=dtype)
     # MTP modules are layers N.. N+D-1; transformers and DeepSeek read D from num_nextn_predict_layers
     extra_layers = extra_layer_indices(extra_state, config.num_hidden_layers)
-    if extra_layers:
+    if extra_layers and hf_config.get("num_nextn_predict_layers") != len(extra_layers):
         hf_config["num_nextn_predict_layers"] = len(extra_layers)
-    _atomic(path / CONFIG_NAME, lambda tmp: tmp.write_text(json.dumps(hf_config, indent=2)))
+    _atomic(path / CONFIG_NAME, lambda tmp: tmp.write_text(dumps(hf_config)))
 
 
 def new_file_mode() -> int:
@@ -402,6 +322,6 @@ def _atomic(target: Path, write) -> None:
 
 
 __all__ = [
-    "config_from_hf", "config_to_hf", "extra_layer_indices", "load_pretrained", "save_pretrained",
-    "state_dict_to_hf",
+    "CheckpointReader", "SUPPORTED_MODEL_TYPES", "HFOrigin", "config_from_hf", "config_to_hf", "extra_layer_indices", "load_pretrained",
+    "read_config", "save_pretrained", "state_dict_to_hf",
 ]

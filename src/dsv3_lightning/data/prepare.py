@@ -11,10 +11,13 @@ The work, in order, each step resumable:
    Saved as ``tokenizer.json`` before any tokenizing, so a resumed preparation uses the same one.
 3. **Units.** Consecutive files (in path order) are grouped into work units of about ``unit_bytes``.
    A worker tokenizes a unit's documents, appends ``<|eos|>`` to each, splits them by document
-   (:func:`~dsv3_lightning.data.sources.held_out`) and writes ``parts/NNNNNN.{train,val}.bin`` under
+   (:func:`~dsv3_lightning.data.sources.document_key`) and writes ``parts/NNNNNN.{train,val}.bin`` under
    temporary names, renames them, and writes the unit's ``.json`` last: a unit is done exactly when
    its ``.json`` exists. A killed preparation redoes only the units without one, so no document is
    lost or written twice. Progress (files, tokens, tokens/s) is logged every few seconds.
+   Each unit also records its training document of lowest key and validation document of highest
+   key (offset and length in its part), so that a split left empty can borrow the one document
+   nearest the threshold without a second pass.
 4. **Shards.** The parts are concatenated in unit order into fixed-size shards
    (:class:`~dsv3_lightning.data.store.ShardWriter`); ``index.json`` is written last, atomically, and
    the parts removed. The result is the same bytes for any number of workers.
@@ -165,15 +168,25 @@ def tokenize_unit(task: tuple[int, list[SourceFile], str, str, dict]) -> tuple[i
     dtype = token_dtype(tokenizer.get_vocab_size())
     parts = Path(parts_dir)
     stem = f"{unit_id:06d}"
-    counts = {"train_tokens": 0, "val_tokens": 0, "train_documents": 0, "val_documents": 0}
+    counts: dict[str, Any] = {"train_tokens": 0, "val_tokens": 0, "train_documents": 0, "val_documents": 0}
     counts.update(files=len(files), bytes=sum(f.size for f in files))
+    # The document each split would lend: (key, offset in the part, tokens); lowest train, highest val key.
+    lend: dict[str, list | None] = {"train": None, "val": None}
     outs = {False: open(parts / f".{stem}.train.bin.tmp", "wb"), True: open(parts / f".{stem}.val.bin.tmp", "wb")}
     try:
         documents = itertools.chain.from_iterable(split_file(f, **split) for f in files)
         while batch := list(_take_chars(documents, _ENCODE_BATCH_CHARS)):
-            encodings = tokenizer.encode_batch([text for text, _ in batch], add_special_tokens=False)
+            encodings = tokenizer.encode_batch([text for text, _, _ in batch], add_special_tokens=False)
             for is_val, name in ((False, "train"), (True, "val")):
-                ids = [enc.ids + [eos] for enc, (_, v) in zip(encodings, batch, strict=True) if v is is_val]
+                ids = []
+                for enc, (_, v, key) in zip(encodings, batch, strict=True):
+                    if v is not is_val:
+                        continue
+                    best = lend[name]
+                    if best is None or (key > best[0] if is_val else key < best[0]):
+                        offset = counts[f"{name}_tokens"] + sum(len(i) for i in ids)
+                        lend[name] = [key, offset, len(enc.ids) + 1]
+                    ids.append(enc.ids + [eos])
                 stream = np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype)
                 stream.tofile(outs[is_val])
                 counts[f"{name}_tokens"] += len(stream)
@@ -181,6 +194,7 @@ def tokenize_unit(task: tuple[int, list[SourceFile], str, str, dict]) -> tuple[i
     finally:
         for f in outs.values():
             f.close()
+    counts["lend"] = lend
     for name in SPLITS:
         os.replace(parts / f".{stem}.{name}.bin.tmp", parts / f"{stem}.{name}.bin")
     write_json_atomic(parts / f"{stem}.json", counts)
@@ -267,20 +281,37 @@ def _assemble(output: Path, sig: dict, tokenizer: Tokenizer, num_units: int, sta
     """Concatenate the parts, in unit order, into shards; write the index last."""
     parts = output / _PARTS
     totals = dict.fromkeys(["train_tokens", "val_tokens", "train_documents", "val_documents", "bytes"], 0)
+    lenders: dict[str, list] = {"train": [], "val": []}
     for unit in range(num_units):
         counts = json.loads((parts / f"{unit:06d}.json").read_text())
         for key in totals:
             totals[key] += counts[key]
+        for split, entry in counts["lend"].items():
+            if entry is not None:
+                lenders[split].append((entry[0], unit, entry))
     documents = totals["train_documents"] + totals["val_documents"]
     where = stats["data"]
     if totals["train_tokens"] + totals["val_tokens"] == documents:
         raise ValueError(f"{where} holds no text: every document is empty. Point it at a corpus with text in it.")
-    if totals["val_documents"] == 0 or totals["train_documents"] == 0:
-        empty = "validation" if totals["val_documents"] == 0 else "training"
+    if documents < 2:
         raise ValueError(
-            f"{where}: none of its {documents} documents fell in the {empty} split (data.val_fraction "
-            f"{sig['val_fraction']}). Add documents, or move data.val_fraction towards 0.5."
+            f"{where} holds a single document in a file that is not plain text: there is nothing to hold out "
+            "for validation. Add documents."
         )
+    # (unit, lending split, [key, offset, length]) when a split is empty: the nearest document moves.
+    borrow = None
+    if totals["val_documents"] == 0:
+        _, unit, entry = min(lenders["train"])
+        borrow = (unit, "train", entry)
+    elif totals["train_documents"] == 0:
+        _, unit, entry = max(lenders["val"])
+        borrow = (unit, "val", entry)
+    if borrow is not None:
+        lender, borrower = borrow[1], "val" if borrow[1] == "train" else "train"
+        for split, sign in ((lender, -1), (borrower, 1)):
+            totals[f"{split}_documents"] += sign
+            totals[f"{split}_tokens"] += sign * borrow[2][2]
+        logger.info("prepare: the %s split was empty; it takes the one document nearest the threshold", borrower)
     dtype = token_dtype(tokenizer.get_vocab_size())
     index: dict[str, Any] = {"format": FORMAT, "dtype": dtype.name, "shard_tokens": sig["shard_tokens"]}
     index["tokenizer"] = {
@@ -294,7 +325,15 @@ def _assemble(output: Path, sig: dict, tokenizer: Tokenizer, num_units: int, sta
         shutil.rmtree(output / split, ignore_errors=True)  # a killed assembly's shards
         writer = ShardWriter(output, split, shard_tokens=sig["shard_tokens"], dtype=dtype)
         for unit in range(num_units):
-            writer.write(np.fromfile(parts / f"{unit:06d}.{split}.bin", dtype=dtype))
+            tokens = np.fromfile(parts / f"{unit:06d}.{split}.bin", dtype=dtype)
+            if borrow is not None and unit == borrow[0]:
+                _, offset, length = borrow[2]
+                if split == borrow[1]:  # the lender: without the document
+                    tokens = np.concatenate([tokens[:offset], tokens[offset + length :]])
+                else:  # the borrower: the document, first
+                    lent = np.fromfile(parts / f"{unit:06d}.{borrow[1]}.bin", dtype=dtype)
+                    writer.write(lent[offset : offset + length])
+            writer.write(tokens)
         index["splits"][split] = {
             "tokens": totals[f"{split}_tokens"],
             "documents": totals[f"{split}_documents"],

@@ -23,9 +23,10 @@ A corpus is a list of documents, read from files:
   not part of it, so every run probes them again, and a change to one leaves the cache valid unless
   it turns the file into text.
 * **Split.** Each document goes to validation when a hash of (seed, its file's path relative to the
-  corpus root, its index in the file) falls below ``val_fraction`` (:func:`held_out`): decided per
-  document, so the split is the same for any number of preparation workers, files can be tokenized
-  in any order, and a moved corpus splits alike. A corpus of a single plain text file is cut at the
+  corpus root, its index in the file) falls below ``val_fraction`` (:func:`document_key`): decided
+  per document, so the split is the same for any number of preparation workers, files can be
+  tokenized in any order, and a moved corpus splits alike. When a small corpus leaves one split
+  empty, the document with the key nearest the threshold moves to it (the preparation does this). A corpus of a single plain text file is cut at the
   line boundary nearest ``1 - val_fraction`` of its length instead, head for training, tail for
   validation.
 
@@ -292,11 +293,12 @@ def iter_documents(sources: Iterable[SourceFile]) -> Iterator[str]:
         yield from file_documents(src)
 
 
-def held_out(seed: int, name: str, index: int, val_fraction: float) -> bool:
-    """Whether document ``index`` of file ``name`` is a validation document: a hash of the three, below
-    ``val_fraction``. Decided per document, so any worker can split its files alone."""
+def document_key(seed: int, name: str, index: int) -> float:
+    """A uniform number in [0, 1) for document ``index`` of file ``name``: a hash of the three. The
+    document is held out for validation when it falls below ``val_fraction``; decided per document,
+    so any worker can split its files alone."""
     digest = hashlib.blake2b(f"{seed}\0{name}\0{index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") < val_fraction * 2.0**64
+    return int.from_bytes(digest, "little") / 2.0**64
 
 
 def is_single_document(sources: list[SourceFile]) -> bool:
@@ -306,14 +308,16 @@ def is_single_document(sources: list[SourceFile]) -> bool:
 
 def split_file(
     src: SourceFile, *, val_fraction: float, seed: int, single_document: bool = False
-) -> Iterator[tuple[str, bool]]:
-    """Yield ``(text, is_validation)`` for every document of one file (see the module docstring)."""
+) -> Iterator[tuple[str, bool, float]]:
+    """Yield ``(text, is_validation, key)`` for every document of one file (the module docstring);
+    ``key`` is :func:`document_key`, which orders documents when a split must borrow one."""
     if single_document:
         text = next(file_documents(src))
         target = int(len(text) * (1 - val_fraction))
         cut = text.rfind("\n", 0, target) + 1 or target
-        yield text[:cut], False
-        yield text[cut:], True
+        yield text[:cut], False, 1.0
+        yield text[cut:], True, 0.0
         return
     for index, text in enumerate(file_documents(src)):
-        yield text, held_out(seed, src.name, index, val_fraction)
+        key = document_key(seed, src.name, index)
+        yield text, key < val_fraction, key

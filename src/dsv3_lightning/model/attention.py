@@ -47,6 +47,7 @@ class MultiHeadLatentAttention(nn.Module):
         self.qk_nope_head_dim, self.qk_rope_head_dim = c.qk_nope_head_dim, c.qk_rope_head_dim
         self.v_head_dim, self.kv_lora_rank = c.v_head_dim, c.kv_lora_rank
         self.softmax_scale = c.softmax_scale
+        self.rope_interleave = c.rope_interleave  # pair layout of the RoPE dims (rope.apply_rotary)
         q_out = c.num_attention_heads * c.qk_head_dim
         self.compress_queries = c.q_lora_rank is not None
         if not self.compress_queries:
@@ -76,7 +77,7 @@ class MultiHeadLatentAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """What MLA caches: the normalised latent c^KV [B, S, Ckv] and the roped shared key [B, S, 1, R]."""
         latent, k_rope = self.kv_a_proj_with_mqa(x_BSD).split([self.kv_lora_rank, self.qk_rope_head_dim], -1)
-        return self.kv_a_layernorm(latent), apply_rotary(k_rope.unsqueeze(2), cos, sin)
+        return self.kv_a_layernorm(latent), apply_rotary(k_rope.unsqueeze(2), cos, sin, self.rope_interleave)
 
     def compress(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The down-projections: c^Q before its norm (or full queries without compression), and
@@ -88,10 +89,10 @@ class MultiHeadLatentAttention(nn.Module):
         """From the down-projections to the heads' outputs [B, S, H·V] (before o_proj)."""
         q = self.q_b_proj(self.q_a_layernorm(q_latent)) if self.compress_queries else q_latent
         q_nope, q_rope = q.unflatten(-1, (self.num_heads, -1)).split([self.qk_nope_head_dim, self.qk_rope_head_dim], -1)
-        q = torch.cat((q_nope, apply_rotary(q_rope, cos, sin)), -1)
+        q = torch.cat((q_nope, apply_rotary(q_rope, cos, sin, self.rope_interleave)), -1)
 
         latent, k_rope = kv_latent.split([self.kv_lora_rank, self.qk_rope_head_dim], -1)
-        k_rope = apply_rotary(k_rope.unsqueeze(2), cos, sin)
+        k_rope = apply_rotary(k_rope.unsqueeze(2), cos, sin, self.rope_interleave)
         kv = self.kv_b_proj(self.kv_a_layernorm(latent)).unflatten(-1, (self.num_heads, -1))
         k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], -1)
         k = torch.cat((k_nope, k_rope.expand(-1, -1, self.num_heads, -1)), -1)

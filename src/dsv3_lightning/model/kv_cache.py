@@ -36,7 +36,7 @@ def _causal_mask(new: int, past: int, device: torch.device) -> torch.Tensor:
 
 def _rope_queries(attn: MultiHeadLatentAttention, x_BSD, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
     q_nope, q_rope = attn.project_queries(x_BSD).split([attn.qk_nope_head_dim, attn.qk_rope_head_dim], -1)
-    return q_nope, apply_rotary(q_rope, cos, sin)
+    return q_nope, apply_rotary(q_rope, cos, sin, attn.rope_interleave)
 
 
 class _Cache:

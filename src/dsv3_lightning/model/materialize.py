@@ -128,32 +128,33 @@ def materialize_(
 
 
 class HFCheckpointSource:
-    """Tensors of a Hugging Face directory by checkpoint key, read lazily through safetensors'
-    ``safe_open``: only the tensors asked for, and of stacked experts only the rows asked for
-    (``experts.{e}.gate_proj`` and ``up_proj`` concatenated, gate rows first; ``down_proj``)."""
+    """Tensors of a Hugging Face directory by checkpoint key, read lazily (hf_checkpoint.py: any
+    family's key prefix removed, block FP8 dequantized): only the tensors asked for, and of stacked
+    experts only the rows asked for (hf_experts.py, the one stacking adapter)."""
 
     def __init__(self, path: str | Path) -> None:
-        from dsv3_lightning.hf import _CheckpointReader
+        from dsv3_lightning.hf_checkpoint import CheckpointReader
 
         self.path = Path(path)
-        self.reader = _CheckpointReader(self.path)
+        self.reader = CheckpointReader(self.path)
 
     def fill_(self, name: str, tensor: torch.Tensor, expert_offset: int | None) -> bool:
+        from dsv3_lightning.hf_experts import expert_keys, stack_expert, stacked_leaf
+
         if expert_offset is None:
             if name not in self.reader.weight_map:
                 return False
             return self._copy(name, tensor, self.reader.get(name))
-        prefix, _, leaf = name.rpartition(".")
-        parts = ("gate_proj", "up_proj") if leaf == "gate_up_proj" else ("down_proj",)
+        prefix, leaf = stacked_leaf(name)
         ids = range(expert_offset, expert_offset + tensor.shape[0])
-        keys = [[f"{prefix}.{e}.{p}.weight" for p in parts] for e in ids]
+        keys = [expert_keys(prefix, leaf, e) for e in ids]
         if not any(key in self.reader.weight_map for row in keys for key in row):
             return False
-        for row, row_keys in enumerate(keys):  # one expert at a time
+        for row, (e, row_keys) in enumerate(zip(ids, keys)):  # one expert at a time
             missing = [key for key in row_keys if key not in self.reader.weight_map]
             if missing:
                 raise ValueError(f"{self.path}: checkpoint lacks {missing[0]!r} of the stacked {name}")
-            self._copy(name, tensor[row], torch.cat([self.reader.get(key) for key in row_keys]))
+            self._copy(name, tensor[row], stack_expert(self.reader.get, prefix, leaf, e))
         return True
 
     def _copy(self, name: str, tensor: torch.Tensor, value: torch.Tensor) -> bool:

@@ -68,9 +68,16 @@ class RotaryEmbedding(nn.Module):
         return angles.cos() * self.attention_factor, angles.sin() * self.attention_factor
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotates interleaved pairs of the last dim of ``x`` [B, S, heads, d_h^R] by cos/sin [(B,) S, d_h^R/2]."""
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = True) -> torch.Tensor:
+    """Rotates pairs of the last dim of ``x`` [B, S, heads, d_h^R] by cos/sin [(B,) S, d_h^R/2].
+
+    ``interleaved`` (``config.rope_interleave``): pair i is (x[2i], x[2i+1]) and the output keeps that
+    layout; otherwise pair i is (x[i], x[i + d/2]) (HF's ``rotate_half``) and the output keeps halves.
+    """
     cos = cos.unsqueeze(-2).to(x.dtype)
     sin = sin.unsqueeze(-2).to(x.dtype)
+    if not interleaved:
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
     x1, x2 = x[..., 0::2], x[..., 1::2]
     return torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)

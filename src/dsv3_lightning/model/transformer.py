@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -29,6 +30,9 @@ from dsv3_lightning.model.moe import MLP, MoE
 from dsv3_lightning.model.norm import RMSNorm
 from dsv3_lightning.model.rope import RotaryEmbedding
 from dsv3_lightning.model.router import Router
+
+if TYPE_CHECKING:
+    from dsv3_lightning.hf import HFOrigin
 
 
 class DecoderLayer(nn.Module):
@@ -136,6 +140,9 @@ class DeepSeekV3(nn.Module):
         before anything else (the layers' constructors draw from it too, but not on the meta device)."""
         self.model = DeepSeekV3Model(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.hf_origin: HFOrigin | None = None
+        """The Hugging Face directory ``from_pretrained`` read (family, config.json, keys of the MTP
+        modules the core does not hold), for writing the model back in its own format (hf.py)."""
         self.reset_parameters()
 
     # ------------------------------------------------------------------ initialisation
@@ -223,18 +230,25 @@ class DeepSeekV3(nn.Module):
     # ------------------------------------------------------------------ Hugging Face interop
     @classmethod
     def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype | None = None) -> DeepSeekV3:
-        """Loads a Hugging Face DeepseekV3 directory (config.json + safetensors, one or many shards)."""
+        """Loads a Hugging Face directory of the family (deepseek_v3, deepseek_v2, kimi_k2, kimi_k25's text
+        model, glm4_moe_lite; bf16, fp32 or block FP8; one or many shards)."""
         from dsv3_lightning.hf import load_pretrained
 
         return load_pretrained(cls, path, dtype=dtype)
 
     def save_pretrained(
-        self, path: str | Path, *, max_shard_size: int = 5 * 2**30, extra_state: dict | None = None
+        self,
+        path: str | Path,
+        *,
+        max_shard_size: int = 5 * 2**30,
+        extra_state: dict | None = None,
+        model_type: str | None = None,
     ) -> None:
-        """Writes a directory that transformers' DeepseekV3ForCausalLM loads (per-expert keys).
+        """Writes a directory that transformers loads (per-expert keys), in the model_type it was
+        loaded from (deepseek_v3 / deepseek_v2 for a model built here; ``model_type`` overrides).
 
         ``extra_state``: more tensors under their checkpoint keys, e.g. MTP modules as layers >= N.
         """
         from dsv3_lightning.hf import save_pretrained
 
-        save_pretrained(self, path, max_shard_size=max_shard_size, extra_state=extra_state)
+        save_pretrained(self, path, max_shard_size=max_shard_size, extra_state=extra_state, model_type=model_type)
