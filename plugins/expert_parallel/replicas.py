@@ -163,6 +163,40 @@ class PlacedExperts:
             shard.moe.dispatcher = dispatcher
 
 
+def check_loads(loads: torch.Tensor, num_layers: int, num_experts: int, key: str, source: object) -> None:
+    """A ``ValueError`` naming ``key`` unless ``loads`` (read from ``source``) is [num_layers, num_experts]."""
+    if loads.dim() != 2 or loads.shape[0] != num_layers or loads.shape[1] != num_experts:
+        raise ValueError(
+            f"{key} ({source}) holds loads of shape {list(loads.shape)}, but this model has {num_layers} MoE layer(s) "
+            f"(model.config.num_hidden_layers - first_k_dense_replace, plus MTP heads) of {num_experts} experts "
+            f"(model.config.n_routed_experts): give the loads recorded by a run of this model shape"
+        )
+
+
+def checked_placement(
+    placement_fn, loads_LE: torch.Tensor, num_physical_experts: int, num_ranks: int, *, num_nodes: int, num_groups: int, key: str
+) -> ExpertPlacement:
+    """``placement_fn``'s placement of ``loads_LE``, or a ``ValueError`` naming ``key`` (the setting that
+    chose the function) when it is not a placement of every expert on these slots and ranks."""
+    num_layers, num_experts = loads_LE.shape
+    placement = placement_fn(loads_LE, num_physical_experts, num_ranks, num_nodes=num_nodes, num_groups=num_groups)
+    name = getattr(placement_fn, "__qualname__", type(placement_fn).__name__)
+    what = f"{key} ({name})"
+    fix = "fix the placement function or use the default (placement: null)"
+    if not isinstance(placement, ExpertPlacement):
+        raise ValueError(f"{what} returned {type(placement).__name__}, not an ExpertPlacement: {fix}")
+    if placement.num_ranks != num_ranks or placement.num_physical_experts != num_physical_experts:
+        raise ValueError(
+            f"{what} placed {placement.num_physical_experts} physical experts on {placement.num_ranks} ranks; this run "
+            f"has {num_physical_experts} (n_routed_experts + redundant_experts) on {num_ranks}: {fix}"
+        )
+    try:
+        placement.check(num_layers, num_experts, what)
+    except ValueError as err:
+        raise ValueError(f"{err}; {fix}") from err
+    return placement
+
+
 def read_expert_loads(path: str | Path, key: str) -> torch.Tensor:
     """The [layers, experts] loads a run recorded, from ``path``: a checkpoint (ordinary file or sharded
     directory) whose ``ExpertLoadMonitor`` state holds the last steps' loads (summed here), or a torch
@@ -189,4 +223,12 @@ def read_expert_loads(path: str | Path, key: str) -> torch.Tensor:
     )
 
 
-__all__ = ["PlacedExperts", "ReplicaTokenDispatcher", "even_rows", "move_rows", "read_expert_loads"]
+__all__ = [
+    "PlacedExperts",
+    "ReplicaTokenDispatcher",
+    "check_loads",
+    "checked_placement",
+    "even_rows",
+    "move_rows",
+    "read_expert_loads",
+]

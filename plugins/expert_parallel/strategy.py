@@ -60,7 +60,7 @@ from typing_extensions import override
 
 from dsv3_lightning.plugins.expert_parallel.all_to_all import collective
 from dsv3_lightning.plugins.expert_parallel.placement import ExpertPlacement, imbalance, place_experts
-from dsv3_lightning.plugins.expert_parallel.replicas import PlacedExperts, read_expert_loads
+from dsv3_lightning.plugins.expert_parallel.replicas import PlacedExperts, check_loads, checked_placement, read_expert_loads
 from dsv3_lightning.model.router import Router
 from dsv3_lightning.plugins.parallel.mesh import KEY
 from dsv3_lightning.plugins.parallel.strategy import ParallelStrategy, check_model
@@ -128,14 +128,28 @@ class ExpertParallelStrategy(ParallelStrategy):
         if self.places_experts:
             from dsv3_lightning.plugins.expert_parallel.sharding import moe_layers
 
-            num_experts = moe_layers(module)[0][1].experts.num_experts
-            R, S = self.expert_parallel_size, self.redundant_experts
-            if S > num_experts * (R - 1):
+            moe = moe_layers(module)[0][1]
+            num_experts, R, S = moe.experts.num_experts, self.expert_parallel_size, self.redundant_experts
+            nodes = self._placement_nodes()
+            if nodes > 1 and moe.gate.n_group % nodes == 0:  # hierarchical: copies stay on their group's node
+                if S > num_experts * (R // nodes - 1):
+                    raise ValueError(
+                        f"{KEY}.redundant_experts ({S}) asks for {(num_experts + S) // R} slots per rank, more than the "
+                        f"{num_experts // nodes} experts of a node ({KEY}.ranks_per_node {self.ranks_per_node}) a rank can "
+                        f"hold one copy each of: use at most {num_experts * (R // nodes - 1)}, or more ranks per node"
+                    )
+            elif S > num_experts * (R - 1):
                 raise ValueError(
                     f"{KEY}.redundant_experts ({S}) asks for {(num_experts + S) // R} slots per rank, more than the "
                     f"{num_experts} experts (model.config.n_routed_experts) a rank can hold one copy each of: use at "
                     f"most {num_experts * (R - 1)}"
                 )
+
+    def _placement_nodes(self) -> int:
+        """Nodes of the hierarchical placement: expert_parallel_size / ranks_per_node when that cuts the
+        expert group into several nodes, else 1."""
+        R, r = self.expert_parallel_size, self.ranks_per_node
+        return R // r if r is not None and 1 < r < R and R % r == 0 else 1
 
     @override
     def setup(self, trainer: pl.Trainer) -> None:
@@ -180,38 +194,16 @@ class ExpertParallelStrategy(ParallelStrategy):
             )
         loads = read_expert_loads(source, key)
         rows = self._moe_rows()
-        num_experts = self._shards[0].num_experts
-        if loads.dim() != 2 or loads.shape[1] != num_experts or loads.shape[0] != len(rows):
-            raise ValueError(
-                f"{key} ({source}) holds loads of shape {list(loads.shape)}, but this model has {len(rows)} MoE layer(s) "
-                f"(model.config.num_hidden_layers - first_k_dense_replace, plus MTP heads) of {num_experts} experts "
-                f"(model.config.n_routed_experts): give the loads recorded by a run of this model shape"
-            )
+        check_loads(loads, len(rows), self._shards[0].num_experts, key, source)
         return loads[rows]
 
     def compute_placement(self, loads_LE: torch.Tensor) -> ExpertPlacement:
         """The placement of every MoE layer (``placement`` with this run's ranks, nodes and groups), checked."""
-        R = self.expert_parallel_size
-        num_experts = self._shards[0].num_experts
-        P = num_experts + self.redundant_experts
-        r = self.ranks_per_node
-        num_nodes = R // r if r is not None and 1 < r < R and R % r == 0 else 1
-        num_groups = self._shards[0].moe.gate.n_group
-        placement = self.placement_fn(loads_LE, P, R, num_nodes=num_nodes, num_groups=num_groups)
-        name = getattr(self.placement_fn, "__qualname__", type(self.placement_fn).__name__)
-        what = f"{KEY}.placement ({name})"
-        if not isinstance(placement, ExpertPlacement):
-            raise ValueError(f"{what} returned {type(placement).__name__}, not an ExpertPlacement")
-        if placement.num_ranks != R or placement.num_physical_experts != P:
-            raise ValueError(
-                f"{what} placed {placement.num_physical_experts} physical experts on {placement.num_ranks} ranks; "
-                f"this run has {P} (n_routed_experts {num_experts} + redundant_experts {self.redundant_experts}) on {R}"
-            )
-        try:
-            placement.check(len(self._shards), num_experts, what)
-        except ValueError as err:
-            raise ValueError(f"{err}; fix the placement function or use the default (placement: null)") from err
-        return placement
+        return checked_placement(
+            self.placement_fn, loads_LE, self._shards[0].num_experts + self.redundant_experts, self.expert_parallel_size,
+            num_nodes=self._placement_nodes(),
+            num_groups=self._shards[0].moe.gate.n_group, key=f"{KEY}.placement",
+        )
 
     def _start_evaluation(self) -> None:
         if not self._shards:
