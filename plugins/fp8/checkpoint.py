@@ -5,9 +5,10 @@ The released DeepSeek-V3 weights store each quantized linear weight W [out, in] 
 with real = fp8 · scale_inv block by block (edge blocks cropped), and declare
 ``quantization_config: {quant_method: fp8, weight_block_size: [128, 128], ...}`` in config.json.
 
-``dequantize_checkpoint(src, dst)`` writes a plain Hugging Face directory (bfloat16 or float32
-weights, no scale tensors, no quantization_config) that ``DeepSeekV3.from_pretrained`` loads, shard
-by shard. ``quantize_checkpoint(src, dst)`` writes the FP8 format from a plain directory (our own
+``dequantize_checkpoint(src, dst)`` writes a plain Hugging Face directory (FP8 weights in bfloat16
+or float32, every other tensor in its stored dtype, no scale tensors, no quantization_config), shard
+by shard; it is the core's (``dsv3_lightning.hf_checkpoint``), which ``DeepSeekV3.from_pretrained``
+also uses to read FP8 checkpoints directly. ``quantize_checkpoint(src, dst)`` writes the FP8 format from a plain directory (our own
 round trip, and FP8 deployment of a model trained here). Every file written gets the mode a new
 file has under the umask (``dsv3_lightning.hf.new_file_mode``; safetensors' ``save_file`` alone leaves
 0600). As a command:
@@ -38,6 +39,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from dsv3_lightning.hf import new_file_mode
+from dsv3_lightning.hf_checkpoint import dequantize_blocks
+from dsv3_lightning.hf_checkpoint import dequantize_checkpoint as core_dequantize
 
 SCALE_SUFFIX = "_scale_inv"
 _COMMAND = "python -m dsv3_lightning.plugins.fp8.checkpoint"
@@ -45,10 +48,9 @@ QUANTIZATION_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_met
 
 
 def dequantize_weight(weight: torch.Tensor, scale_inv: torch.Tensor, block: int = 128) -> torch.Tensor:
-    """float32 W from its FP8 values and per-block dequantization multipliers."""
-    rows, cols = weight.shape
-    scale = scale_inv.float().repeat_interleave(block, 0)[:rows].repeat_interleave(block, 1)[:, :cols]
-    return weight.float() * scale
+    """float32 W from its FP8 values and per-block dequantization multipliers (the core's, block row
+    by block row)."""
+    return dequantize_blocks(weight, scale_inv, (block, block))
 
 
 def _shards(path: Path) -> list[str]:
@@ -86,28 +88,12 @@ def _convert(src: Path, dst: Path, convert, edit_config) -> None:
 
 
 def dequantize_checkpoint(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.bfloat16) -> None:
-    """Writes ``dst``: every FP8 weight of ``src`` times its block scales, in ``dtype``."""
-    src, dst = Path(src), Path(dst)
+    """Writes ``dst``: every FP8 weight of ``src`` times its block scales, in ``dtype``.
 
-    def convert(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        out = {}
-        for key, tensor in tensors.items():
-            if key.endswith(SCALE_SUFFIX):
-                continue
-            scale = tensors.get(key + SCALE_SUFFIX)
-            if tensor.dtype == torch.float8_e4m3fn:
-                if scale is None:
-                    raise ValueError(f"{src}: {key} is FP8 but {key + SCALE_SUFFIX} is missing (in the same shard)")
-                tensor = dequantize_weight(tensor, scale)
-            out[key] = tensor.to(dtype) if tensor.is_floating_point() and not key.endswith("e_score_correction_bias") else tensor
-        return out
-
-    def edit(config: dict) -> dict:
-        config.pop("quantization_config", None)
-        config["dtype"] = str(dtype).removeprefix("torch.")
-        return config
-
-    _convert(src, dst, convert, edit)
+    The core's dequantizer (``dsv3_lightning.hf_checkpoint``): scales found through the index in
+    whichever shard, block row by block row; tensors that are not FP8 keep their stored dtype.
+    """
+    core_dequantize(src, dst, dtype=dtype)
 
 
 def quantize_checkpoint(src: str | Path, dst: str | Path, *, pattern: str = "model.layers.") -> None:

@@ -15,12 +15,12 @@ MTP, as the paper evaluates. λ follows V3: ``loss_weight`` (0.3) until ``switch
 
 Checkpoints: the modules are submodules of the LightningModule (saved by Lightning). In the Hugging
 Face layout they are layers ``num_hidden_layers + k - 1`` (``hf_state_dict`` / ``load_hf_state_dict``);
-``attach`` loads them from ``model.mtp_checkpoint_state`` when the model came from such a checkpoint.
+``attach`` reads them from the source directory (``model.hf_origin``, whose ``extra_keys`` list them)
+when the model came from such a checkpoint; experts go through the core's one stacking adapter
+(``dsv3_lightning.hf_experts``).
 """
 
 from __future__ import annotations
-
-import re
 
 import torch
 import torch.nn.functional as F
@@ -28,11 +28,12 @@ from dsv3_lightning.plugins.mtp.module import MTPModule
 from torch import nn
 
 from dsv3_lightning.heads import HeadOutput, PredictionHead
-from dsv3_lightning.hf import state_dict_to_hf
+from dsv3_lightning.hf_experts import stack_state, unstack
 from dsv3_lightning.model.transformer import DeepSeekV3
 
 _KEY = "model.heads[MultiTokenPrediction]"
-_EXPERT = re.compile(r"^mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+# the release repeats the embedding and output matrix in every MTP layer: the model's own serve
+_COPIES = ("embed_tokens.weight", "shared_head.head.weight")
 
 
 class MultiTokenPrediction(PredictionHead):
@@ -69,9 +70,9 @@ class MultiTokenPrediction(PredictionHead):
         n = model.config.num_hidden_layers
         self.layers = nn.ModuleList(MTPModule(model.config, n + k) for k in range(self.depth))
         model.init_weights(self.layers)
-        saved = getattr(model, "mtp_checkpoint_state", None)
-        if saved:
-            self.load_hf_state_dict(saved, n)
+        origin = model.hf_origin
+        if origin is not None and origin.extra_keys:
+            self.load_hf_state_dict(origin.read_extra(skip=lambda key: key.endswith(_COPIES)), n)
 
     def current_weight(self, step: int) -> float:
         """λ at optimizer ``step``: ``loss_weight``, then ``later_loss_weight`` from ``switch_at_step`` on."""
@@ -141,7 +142,7 @@ class MultiTokenPrediction(PredictionHead):
         out = {}
         for k, layer in enumerate(self.layers):
             prefix = f"model.layers.{n + k}."
-            for key, tensor in state_dict_to_hf(layer.state_dict()):
+            for key, tensor in unstack(layer.state_dict()):
                 out[prefix + key] = tensor
             # copies (the release stores them per MTP layer; safetensors refuses shared storage)
             out[prefix + "embed_tokens.weight"] = model.model.embed_tokens.weight.detach().clone()
@@ -158,14 +159,5 @@ class MultiTokenPrediction(PredictionHead):
                     f"num_nextn_predict_layers < {self.depth}; lower {_KEY}.depth or train the modules from scratch "
                     "by loading the checkpoint without them"
                 )
-            own.pop("embed_tokens.weight", None)
-            own.pop("shared_head.head.weight", None)
-            state = {key: t for key, t in own.items() if not _EXPERT.match(key)}
-            experts = layer.mlp.experts
-            gate_up, down = [], []
-            for e in range(experts.num_experts):
-                gate_up.append(torch.cat([own[f"mlp.experts.{e}.gate_proj.weight"], own[f"mlp.experts.{e}.up_proj.weight"]]))
-                down.append(own[f"mlp.experts.{e}.down_proj.weight"])
-            state["mlp.experts.gate_up_proj"] = torch.stack(gate_up)
-            state["mlp.experts.down_proj"] = torch.stack(down)
+            state = stack_state({key: t for key, t in own.items() if not key.endswith(_COPIES)})
             layer.load_state_dict(state, strict=True)

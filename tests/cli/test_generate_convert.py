@@ -74,7 +74,7 @@ def test_convert_round_trip_keeps_weights_mtp_and_tokenizer(trained, tmp_path, c
     exported = DeepSeekV3.from_pretrained(hf_dir)
     for key, tensor in original.model.state_dict().items():
         torch.testing.assert_close(exported.state_dict()[key], tensor, rtol=0, atol=0)
-    assert any(k.startswith("model.layers.2.eh_proj") for k in exported.mtp_checkpoint_state)
+    assert any(k.startswith("model.layers.2.eh_proj") for k in exported.hf_origin.extra_keys)
 
     back = tmp_path / "back.ckpt"
     main(["convert", str(hf_dir), str(back)])
