@@ -16,8 +16,10 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
-import dsv3_lightning.data as data_module
+import dsv3_lightning.data.module as data_module
+import dsv3_lightning.data.prepare as prepare_module
 from dsv3_lightning.data import DSV3DataModule, TokenWindows, default_cache_dir
+from dsv3_lightning.data.sources import document_key
 from dsv3_lightning.tokenizer import (
     BOS_TOKEN,
     EOS_TOKEN,
@@ -63,9 +65,14 @@ def _dm(tmp_path: Path, data_path: Path | str | None, **kwargs) -> DSV3DataModul
     return DSV3DataModule(data_path=None if data_path is None else str(data_path), **{**defaults, **kwargs})
 
 
+def _stream(dataset: TokenWindows) -> np.ndarray:
+    """A split's whole token stream, across its shards."""
+    return dataset.store.read(0, dataset.store.num_tokens)
+
+
 def _documents(dm: DSV3DataModule, dataset: TokenWindows) -> list[str]:
     """Decode a packed split back into its documents (the stream ends with an eos)."""
-    stream = np.asarray(dataset.tokens).tolist()
+    stream = _stream(dataset).tolist()
     assert stream[-1] == dm.eos_token_id
     docs, current = [], []
     for token in stream:
@@ -127,7 +134,7 @@ def test_windows_are_packed_documents_with_aligned_targets(corpus, tmp_path: Pat
     dm.setup("fit")
     assert dm.window_len == 16 + 1 + extra_tokens
     train, val = dm.train_dataset, dm.val_dataset
-    stream = torch.from_numpy(np.asarray(train.tokens, dtype=np.int64))
+    stream = torch.from_numpy(_stream(train))
     for i in range(len(train)):
         window = train[i]
         assert window.dtype == torch.int64 and window.shape == (dm.window_len,)
@@ -140,7 +147,9 @@ def test_windows_are_packed_documents_with_aligned_targets(corpus, tmp_path: Pat
     # Every document appears once, whole, followed by eos, in one of the two splits.
     train_docs, val_docs = _documents(dm, train), _documents(dm, val)
     assert sorted(train_docs + val_docs) == sorted(texts)
-    assert len(val_docs) == round(0.2 * len(texts))
+    # The split is per document, by a hash of (seed, file, index): the one predicted.
+    expected_val = [t for i, t in enumerate(texts) if document_key(1234, f"doc{i:03d}.txt", 0) < 0.2]
+    assert sorted(val_docs) == sorted(expected_val) and 0 < len(val_docs) < len(texts)
     assert train_docs == [t for t in texts if t in train_docs]  # corpus order is kept
 
 
@@ -195,13 +204,13 @@ def test_split_is_deterministic_across_fresh_caches(corpus, tmp_path: Path) -> N
     for run in range(2):
         dm = _dm(tmp_path, root, cache_dir=str(tmp_path / f"cache{run}"))
         dm.setup("fit")
-        streams.append((np.asarray(dm.train_dataset.tokens).copy(), np.asarray(dm.val_dataset.tokens).copy()))
+        streams.append((_stream(dm.train_dataset), _stream(dm.val_dataset)))
     np.testing.assert_array_equal(streams[0][0], streams[1][0])
     np.testing.assert_array_equal(streams[0][1], streams[1][1])
     # Another seed draws another split of the same documents.
     other = _dm(tmp_path, root, seed=7)
     other.setup("fit")
-    assert not np.array_equal(np.asarray(other.val_dataset.tokens), streams[0][1])
+    assert not np.array_equal(_stream(other.val_dataset), streams[0][1])
 
 
 def test_second_setup_reuses_the_cache(corpus, tmp_path: Path, monkeypatch) -> None:
@@ -210,14 +219,15 @@ def test_second_setup_reuses_the_cache(corpus, tmp_path: Path, monkeypatch) -> N
     first.prepare_data()
     first.setup("fit")
     cached = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*") if p.is_file()}
-    assert len(cached) == 4  # tokenizer.json, train.bin, val.bin, meta.json
-    assert not [p for p in (tmp_path / "cache").rglob("*tmp-*")]
+    names = sorted(p.relative_to(next((tmp_path / "cache" / "prepared").iterdir())).as_posix() for p in cached)
+    assert names == [".lock", "index.json", "tokenizer.json", "train/000000.bin", "val/000000.bin"]
+    assert not [p for p in (tmp_path / "cache").rglob("*tmp*")]
 
     def fail(*args, **kwargs):
         raise AssertionError("the cache should have been reused")
 
-    monkeypatch.setattr(data_module, "train_tokenizer", fail)
-    monkeypatch.setattr(data_module, "_encode_batch", fail)
+    monkeypatch.setattr(prepare_module, "train_tokenizer", fail)
+    monkeypatch.setattr(prepare_module, "tokenize_unit", fail)
     start = time.perf_counter()
     # Another window length and worker count read the same token cache.
     second = _dm(tmp_path, root, seq_len=32, num_workers=1)
@@ -233,7 +243,7 @@ def test_second_setup_reuses_the_cache(corpus, tmp_path: Path, monkeypatch) -> N
     monkeypatch.undo()
     third = _dm(tmp_path, root)
     third.setup("fit")
-    assert len([p for p in (tmp_path / "cache" / "tokens").iterdir()]) == 2
+    assert len([p for p in (tmp_path / "cache" / "prepared").iterdir()]) == 2
 
 
 def test_killed_tokenization_leaves_no_cache_entry(corpus, tmp_path: Path, monkeypatch) -> None:
@@ -242,10 +252,10 @@ def test_killed_tokenization_leaves_no_cache_entry(corpus, tmp_path: Path, monke
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(data_module, "_encode_batch", killed)
+    monkeypatch.setattr(prepare_module, "tokenize_unit", killed)
     with pytest.raises(KeyboardInterrupt):
         _dm(tmp_path, root).prepare_data()
-    assert list((tmp_path / "cache" / "tokens").iterdir()) == []
+    assert list((tmp_path / "cache" / "prepared").glob("*/index.json")) == []  # unfinished: no index
     monkeypatch.undo()
     dm = _dm(tmp_path, root)
     dm.setup("fit")  # setup builds the cache itself when prepare_data did not
@@ -313,10 +323,10 @@ def test_default_corpus_is_the_standard_library(tmp_path: Path, caplog) -> None:
         dm.prepare_data()
         dm.setup("fit")
     assert caplog.text.count("data.max_corpus_bytes (2000000) keeps") == 1
-    assert "tokenizing" in caplog.text and "cached" in caplog.text
+    assert "prepare: " in caplog.text and "prepared " in caplog.text
     assert dm.tokenizer.get_vocab_size() == 512
     assert len(dm.train_dataset) > 1000 and len(dm.val_dataset) > 10
-    decoded = dm.tokenizer.decode(np.asarray(dm.train_dataset.tokens[:20_000]).tolist())
+    decoded = dm.tokenizer.decode(dm.train_dataset.store.read(0, 20_000).tolist())
     assert "def " in decoded and "import " in decoded
     assert dm.unigram_loss() < math.log(512)
 
@@ -330,7 +340,9 @@ def test_unigram_loss_matches_direct_computation(tmp_path: Path) -> None:
     texts = {"a.txt": "abracadabra " * 20, "b.txt": "banana bandana " * 15, "c.txt": "cabbage cab " * 25}
     for name, text in texts.items():
         (root / name).write_text(text)
-    dm = _dm(tmp_path, root, vocab_size=258, seq_len=8, val_fraction=0.3)  # 258: bytes only, no merges
+    # A seed that holds out exactly one of the three documents.
+    seed = next(s for s in range(100) if sum(document_key(s, n, 0) < 0.3 for n in texts) == 1)
+    dm = _dm(tmp_path, root, vocab_size=258, seq_len=8, val_fraction=0.3, seed=seed)  # 258: bytes only
     dm.setup("fit")
     tok, eos = dm.tokenizer, dm.eos_token_id
     (val_doc,) = _documents(dm, dm.val_dataset)
@@ -385,9 +397,9 @@ def test_data_path_errors(tmp_path: Path) -> None:
 def test_corpus_too_small(corpus, tmp_path: Path) -> None:
     root, _ = corpus
     with pytest.raises(
-        ValueError, match=r"validation tokens, fewer than one window of 8193 tokens \(data\.seq_len 8192"
+        ValueError, match=r"validation tokens, fewer than one window of 100001 tokens \(data\.seq_len 100000"
     ):
-        _dm(tmp_path, root, seq_len=8192).setup("fit")
+        _dm(tmp_path, root, seq_len=100_000).setup("fit")
     with pytest.raises(
         ValueError, match=r"training windows of 33 tokens .* fewer than data\.batch_size \(10000\)"
     ):
@@ -402,7 +414,7 @@ def test_tokenizer_path(corpus, tmp_path: Path, monkeypatch) -> None:
         _dm(tmp_path, root, tokenizer_path=str(tmp_path / "tok.json")).prepare_data()
     with pytest.raises(FileNotFoundError, match=r"data\.tokenizer_path \('.*other\.json'\) does not exist"):
         _dm(tmp_path, root, tokenizer_path=str(tmp_path / "other.json")).prepare_data()
-    monkeypatch.setattr(data_module, "train_tokenizer", None)  # a given tokenizer is never retrained
+    monkeypatch.setattr(prepare_module, "train_tokenizer", None)  # a given tokenizer is never retrained
     dm = _dm(tmp_path, root, tokenizer_path=str(tmp_path / "tok.json"), vocab_size=512)
     dm.setup("fit")
     assert dm.tokenizer.to_str() == load_tokenizer(tmp_path / "tok.json").to_str()
@@ -433,7 +445,7 @@ def test_state_dict_round_trip(corpus, tmp_path: Path) -> None:
     assert other.tokenizer.to_str() != dm.tokenizer.to_str()
     other.load_state_dict(state)
     assert other.tokenizer.to_str() == dm.tokenizer.to_str()
-    np.testing.assert_array_equal(np.asarray(other.train_dataset.tokens), np.asarray(dm.train_dataset.tokens))
+    np.testing.assert_array_equal(_stream(other.train_dataset), _stream(dm.train_dataset))
     with pytest.raises(
         ValueError, match=r"checkpoint's tokenizer has 300 tokens, more than data\.vocab_size \(280\)"
     ):

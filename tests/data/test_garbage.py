@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from test_data import _dm, _documents, _write_corpus
 
-import dsv3_lightning.corpus as corpus_module
+import dsv3_lightning.data.sources as corpus_module
 
 NOT_TEXT = r"NUL bytes or under 90% printable UTF-8 in the first 64 KiB"
 
@@ -36,7 +36,7 @@ def test_files_that_are_not_text_are_skipped_counted_and_named(tmp_path: Path, c
     (root / "noise.txt").write_bytes(_noise(nul=False))  # no NUL: refused by the printable fraction
     (root / "sub").mkdir()
     (root / "sub" / "nul.md").write_text("a text file with one\0NUL character in it\n" * 50)
-    with caplog.at_level(logging.WARNING, logger="dsv3_lightning.corpus"):
+    with caplog.at_level(logging.WARNING, logger="dsv3_lightning.data.sources"):
         dm = _dm(tmp_path, root)
         assert _all_documents(dm) == sorted(texts)
     warnings = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
@@ -49,12 +49,12 @@ def test_files_that_are_not_text_are_skipped_counted_and_named(tmp_path: Path, c
     assert fraction < 90  # random bytes are about half undecodable
 
     # skipped files are no part of the cache key: without them the corpus maps to the same entry
-    token_dir = dm._token_dir(dm._sources(), dm.tokenizer)
+    token_dir = dm.prepared[0].path
     (root / "noise.txt").unlink()
     (root / "sub" / "nul.md").unlink()
     clean = _dm(tmp_path, root)
     clean.setup("fit")
-    assert clean._token_dir(clean._sources(), clean.tokenizer) == token_dir
+    assert clean.prepared[0].path == token_dir
 
 
 def test_a_corpus_with_no_text_is_refused(tmp_path: Path) -> None:
@@ -97,7 +97,7 @@ def test_utf8_prose_in_other_scripts_is_text(tmp_path: Path, caplog) -> None:
     texts = {"de.txt": german, "zh.md": chinese, "long.txt": long_chinese, "en.txt": "plain words\n" * 100}
     for name, text in texts.items():
         (root / name).write_text(text, encoding="utf-8", newline="")
-    with caplog.at_level(logging.WARNING, logger="dsv3_lightning.corpus"):
+    with caplog.at_level(logging.WARNING, logger="dsv3_lightning.data.sources"):
         docs = _all_documents(_dm(tmp_path, root, val_fraction=0.25))
     assert "skipped" not in caplog.text
     long = corpus_module.SourceFile(root / "long.txt", (root / "long.txt").stat().st_size, 0)
@@ -115,7 +115,7 @@ def test_jsonl_is_checked_on_its_text_not_its_escapes(tmp_path: Path, caplog) ->
     (root / "nul.jsonl").write_text(json.dumps({"text": "text\0with a NUL " * 10}) + "\n")
     # one record longer than the probe: the cut line is not parsed, the raw JSON text is checked
     (root / "long.jsonl").write_text(json.dumps({"text": "long plain words " * 5000}) + "\n")
-    with caplog.at_level(logging.WARNING, logger="dsv3_lightning.corpus"):
+    with caplog.at_level(logging.WARNING, logger="dsv3_lightning.data.sources"):
         docs = _all_documents(_dm(tmp_path, root))
     assert docs == sorted([*good, "long plain words " * 5000])
     assert "skipped 2 file(s)" in caplog.text
@@ -130,8 +130,8 @@ def test_a_skipped_file_leaves_the_budget_to_text(tmp_path: Path, caplog) -> Non
         (root / f"noise{i}.txt").write_bytes(_noise(3_000, seed=i))
     text = "only this file is text\n" * 200
     (root / "text.txt").write_text(text)
-    with caplog.at_level(logging.WARNING, logger="dsv3_lightning.corpus"):
+    with caplog.at_level(logging.WARNING, logger="dsv3_lightning.data.sources"):
         dm = _dm(tmp_path, root, max_corpus_bytes=1_000)
-        assert [f.path.name for f in dm._sources()] == ["text.txt"]
+        assert [f.path.name for f in dm._sources(str(root))] == ["text.txt"]
     assert "data.max_corpus_bytes (1000) keeps 1 of 4 files" in caplog.text
     assert re.search(r"skipped [123] file\(s\)", caplog.text)  # those probed before text.txt, in hash order

@@ -40,7 +40,7 @@ from typing_extensions import override
 
 from dsv3_lightning.data.prepare import PrepareSettings, prepare_corpus, signature, signature_key
 from dsv3_lightning.data.sampling import CorpusOrder, GlobalOrderSampler, MixtureOrder
-from dsv3_lightning.data.sources import describe_data_path, list_sources
+from dsv3_lightning.data.sources import SourceFile, describe_data_path, list_sources
 from dsv3_lightning.data.store import PreparedCorpus, TokenWindows, is_prepared, open_prepared
 from dsv3_lightning.tokenizer import eos_token_id, load_tokenizer, tokenizer_fingerprint, tokenizer_from_str
 
@@ -149,6 +149,7 @@ class DSV3DataModule(L.LightningDataModule):
         self._val: list[TokenWindows] | None = None
         self._sampler: GlobalOrderSampler | None = None
         self._resume_position: dict[str, Any] | None = None
+        self._listed: dict[str | None, list[SourceFile]] = {}
 
     @staticmethod
     def _corpora(data_path: str | None, mixture: dict[str, float] | None) -> tuple[list[str | None], list[float]]:
@@ -223,12 +224,18 @@ class DSV3DataModule(L.LightningDataModule):
             return load_tokenizer(path), f"data.tokenizer_path ({self.tokenizer_path!r})"
         return None, ""
 
+    def _sources(self, data_path: str | None) -> list[SourceFile]:
+        """A raw corpus's files, listed (and warned about) once per data module."""
+        if data_path not in self._listed:
+            self._listed[data_path] = list_sources(data_path, self.max_corpus_bytes)
+        return self._listed[data_path]
+
     def _open(self, data_path: str | None, given: Tokenizer | None) -> PreparedCorpus:
         """A corpus's token store: opened when prepared, else prepared into the cache first."""
         if data_path is not None and is_prepared(data_path):
             return open_prepared(data_path)
         settings = PrepareSettings(**{**self._settings.__dict__, "data_path": data_path})
-        sources = list_sources(data_path, self.max_corpus_bytes)
+        sources = self._sources(data_path)
         key = signature_key(signature(settings, sources, given))
         output = self._cache_root() / "prepared" / key
         if not is_prepared(output):
@@ -243,6 +250,12 @@ class DSV3DataModule(L.LightningDataModule):
 
     def _prepare(self) -> list[PreparedCorpus]:
         given, source = self._given_tokenizer()
+        if given is not None and given.get_vocab_size() > self.vocab_size:
+            raise ValueError(
+                f"{source} has {given.get_vocab_size()} tokens, more than data.vocab_size ({self.vocab_size}), "
+                f"the size of the model's embedding. Raise data.vocab_size to at least {given.get_vocab_size()}, "
+                "or use a smaller tokenizer."
+            )
         prepared = [self._open(path, given) for path in self.corpora]
         first = prepared[0]
         for other in prepared[1:]:

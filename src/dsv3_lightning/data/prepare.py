@@ -364,7 +364,7 @@ def prepare_corpus(
         raise ValueError(f"prepare workers ({workers}) must be >= 1")
     output = Path(output).expanduser().absolute()
     sources = list_sources(settings.data_path, settings.max_corpus_bytes) if sources is None else sources
-    sig = signature(settings, sources, tokenizer)
+    sig = json.loads(json.dumps(signature(settings, sources, tokenizer)))  # as it reads back from disk
     with _locked(output):
         if (output / INDEX_FILE).is_file():
             index = json.loads((output / INDEX_FILE).read_text())
