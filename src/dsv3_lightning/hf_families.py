@@ -238,16 +238,30 @@ def config_to_hf(
     if base is None:
         return hf
     merged = {k: v for k, v in base.items() if k != "quantization_config"}  # written dequantized
+    changed = []
     for key, value in hf.items():
         old = merged.get(key)
         if isinstance(old, dict) and isinstance(value, dict):
-            if any(old.get(k) != v for k, v in value.items()):
-                merged[key] = {**old, **value}
-        elif key in merged and old != value:
+            value = {**old, **value}
+        if key in merged and old != value:
             merged[key] = value
-    if config_from_hf(merged) != config:  # a value the source left to its default now differs
+            changed.append((key, old))
+    for key, old in changed:  # keep the source's spelling of an equal meaning (V2's n_group null = 1)
+        if key not in _ALWAYS_OURS and _reads_as({**merged, key: old}, config):
+            merged[key] = old
+    if not _reads_as(merged, config):  # a value the source left to its default now differs
         merged.update({k: v for k, v in hf.items() if k not in merged})
     return merged
+
+
+_ALWAYS_OURS = ("architectures", "model_type", "dtype", "torch_dtype")
+
+
+def _reads_as(hf: Mapping[str, Any], config: ModelConfig) -> bool:
+    try:
+        return config_from_hf(hf) == config
+    except (ValueError, TypeError, NotImplementedError):
+        return False
 
 
 def dumps(hf: Mapping[str, Any]) -> str:
