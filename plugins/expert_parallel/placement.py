@@ -180,13 +180,12 @@ def balanced_packing(
             if labels is not None:
                 fresh = [p for p in open_packs if labels[item] not in held[p]]
                 open_packs = fresh or open_packs
-                held_label = labels[item]
             best = min(open_packs, key=lambda p: (totals[p], p))
             pack[x, item], index[x, item] = best, sizes[best]
             totals[best] += weights[item]
             sizes[best] += 1
             if labels is not None:
-                held[best].add(held_label)
+                held[best].add(labels[item])
     return pack, index
 
 
@@ -241,7 +240,7 @@ def place_experts(
         ValueError: loads that are not [L, E] non-negative finite numbers, P not a multiple of R, P < E,
             or more extra slots than distinct copies fit (each rank at most one copy of an expert).
     """
-    if load_LE.dim() != 2 or not load_LE.is_floating_point() and load_LE.dtype not in (torch.int32, torch.int64):
+    if load_LE.dim() != 2 or (not load_LE.is_floating_point() and load_LE.dtype not in (torch.int32, torch.int64)):
         raise ValueError(f"the expert loads must be a [layers, experts] tensor of numbers, got {load_LE.dtype} {tuple(load_LE.shape)}")
     load_LE = load_LE.detach().double().cpu()
     if not torch.isfinite(load_LE).all() or (load_LE < 0).any():

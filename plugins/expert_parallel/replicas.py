@@ -55,7 +55,8 @@ class ReplicaTokenDispatcher:
         self.rotation = rotation
         self.num_physical_experts = int(replica_counts_E.sum())
         self.tokens_per_slot_P = torch.zeros(self.num_physical_experts, dtype=torch.int64)
-        """Token copies this rank sent to each physical slot since the last reset (per-rank load logs)."""
+        """Token copies this rank sent to each physical slot since it was made (per-rank load logs); on
+        the tokens' device after the first dispatch (no host sync per layer)."""
 
     def __getattr__(self, name: str) -> Any:  # the inner dispatcher's counters (last_dispatch_bytes ...)
         if name == "inner":
@@ -76,7 +77,8 @@ class ReplicaTokenDispatcher:
 
     def dispatch(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, num_experts: int):
         physical_TK = self.physical_ids(topk_ids_TK)
-        self.tokens_per_slot_P += torch.bincount(physical_TK.flatten(), minlength=self.num_physical_experts).cpu()
+        counts = torch.bincount(physical_TK.flatten(), minlength=self.num_physical_experts)
+        self.tokens_per_slot_P = self.tokens_per_slot_P.to(counts.device) + counts
         return self.inner.dispatch(x_TD, physical_TK, num_experts)
 
     def combine(self, y_MD: torch.Tensor, topk_weights_TK: torch.Tensor, plan: Any) -> torch.Tensor:

@@ -102,7 +102,7 @@ class ExpertParallelStrategy(ParallelStrategy):
     ) -> None:
         if redundant_experts < 0:
             raise ValueError(f"{KEY}.redundant_experts ({redundant_experts}) must be >= 0 (0: no redundant experts)")
-        if redundant_experts % expert_parallel_size:
+        if expert_parallel_size >= 1 and redundant_experts % expert_parallel_size:  # < 1: the base says so
             raise ValueError(
                 f"{KEY}.redundant_experts ({redundant_experts}) must be a multiple of {KEY}.expert_parallel_size "
                 f"({expert_parallel_size}), so that the physical experts divide over the ranks (every rank the same "
@@ -233,7 +233,7 @@ class ExpertParallelStrategy(ParallelStrategy):
             return
         R = self.expert_parallel_size
         if self._placed is not None:
-            slots_LP = torch.stack([d.tokens_per_slot_P for d in self._placed.dispatchers()]).double()
+            slots_LP = torch.stack([d.tokens_per_slot_P.cpu() for d in self._placed.dispatchers()]).double()
         else:
             slots_LP = torch.stack([
                 shard.moe.gate.tokens_routed_total.detach().cpu() - start
