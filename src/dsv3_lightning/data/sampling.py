@@ -33,7 +33,7 @@ import math
 from collections.abc import Iterator, Sequence
 
 import numpy as np
-from torch.utils.data import Sampler
+from torch.utils.data import DistributedSampler
 
 # Positions per mixture block: each corpus's share of a block is exact to 1 / MIX_BLOCK.
 MIX_BLOCK = 4096
@@ -157,8 +157,12 @@ class MixtureOrder:
         return out
 
 
-class GlobalOrderSampler(Sampler[int]):
+class GlobalOrderSampler(DistributedSampler):
     """This replica's windows of the global stream, one Lightning epoch at a time (module docstring).
+
+    A ``DistributedSampler`` by type only (its constructor is not called: it would size a list of the
+    dataset), so that Lightning leaves it in place under every distributed strategy instead of wrapping
+    it in another one.
 
     Args:
         order: Maps stream positions to dataset indices (:class:`CorpusOrder`, :class:`MixtureOrder`).
@@ -188,6 +192,8 @@ class GlobalOrderSampler(Sampler[int]):
         self.batches_per_epoch = num_windows // self.global_batch
         self.resume = resume
         self.epoch = 0
+        self.seed = getattr(order, "seed", 0)
+        self.shuffle, self.drop_last = True, True
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
