@@ -10,9 +10,12 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from ep_tiny import GLOBAL_BATCH, StridedSampler, make_module, make_tokens
+from ep_tiny import GLOBAL_BATCH, SEQ, StridedSampler, fit, make_module, make_tokens
 from dsv3_lightning.plugins.expert_parallel import ExpertParallelStrategy
-from dsv3_lightning.plugins.expert_parallel.placement import ExpertPlacement, imbalance
+from dsv3_lightning.plugins.expert_parallel.placement import ExpertPlacement, imbalance, place_experts
+from dsv3_lightning.plugins.expert_parallel.replicas import read_expert_loads
+from dsv3_lightning.plugins.load_balancing import ExpertLoadMonitor
+from lightning.pytorch.callbacks import ModelCheckpoint
 from dsv3_lightning.plugins.expert_parallel.sharding import moe_layers
 from torch.utils.data import DataLoader
 
@@ -52,14 +55,17 @@ class Record(L.Callback):
     def teardown(self, trainer, pl_module, stage):
         if trainer.is_global_zero:
             strategy, name = trainer.strategy, getattr(stage, "value", stage)  # a TrainerFn
-            torch.save({"rank_load": strategy.rank_load, "placement": strategy.placement}, self.root / f"strategy_{name}.pt")
+            saved = {"rank_load": getattr(strategy, "rank_load", None), "placement": getattr(strategy, "placement", None)}
+            torch.save(saved, self.root / f"strategy_{name}.pt")
 
 
-def evaluate(root: Path, devices: int, stages=("validate", "test"), **strategy_kwargs) -> dict:
+def evaluate(root: Path, devices: int, stages=("validate", "test"), ckpt_path=None, **strategy_kwargs) -> dict:
     root.mkdir(parents=True, exist_ok=True)
     module = make_module()
     want_state = {k: v.clone() for k, v in module.state_dict().items()}
-    strategy = ExpertParallelStrategy(devices, start_method="fork", timeout=60, **strategy_kwargs)
+    strategy = (
+        ExpertParallelStrategy(devices, start_method="fork", timeout=60, **strategy_kwargs) if devices > 1 else "auto"
+    )
     trainer = L.Trainer(
         accelerator="cpu", devices=devices, strategy=strategy, logger=False, enable_progress_bar=False,
         enable_model_summary=False, use_distributed_sampler=False, callbacks=[Record(root)],
@@ -67,9 +73,11 @@ def evaluate(root: Path, devices: int, stages=("validate", "test"), **strategy_k
     loader = DataLoader(list(VAL), batch_size=GLOBAL_BATCH // devices, sampler=StridedSampler(len(VAL)))
     out = {"module_unchanged": True}
     for stage in stages:
-        out[stage] = getattr(trainer, stage)(module, loader)[0]
+        out[stage] = getattr(trainer, stage)(module, loader, ckpt_path=ckpt_path, weights_only=False)[0]
         out[f"{stage}_ranks"] = [torch.load(root / f"{stage}{r}.pt") for r in range(devices)]
         out[f"{stage}_strategy"] = torch.load(root / f"strategy_{stage}.pt", weights_only=False)
+        if ckpt_path is not None:
+            want_state = {k: v.clone() for k, v in module.state_dict().items()}
         # the launcher copies rank 0's module back: the placement was undone, the shards gathered
         out["module_unchanged"] &= all(torch.equal(module.state_dict()[k], v) for k, v in want_state.items())
     return out
@@ -129,6 +137,24 @@ def test_hierarchical_placement_over_two_nodes_with_two_hop_dispatch(plain, tmp_
     for rank in range(4):
         assert _relative(got["validate_ranks"][rank]["logits"], plain["validate_ranks"][0]["logits"]) <= 1e-6
     assert got["module_unchanged"]
+
+
+def test_placement_from_the_loads_the_evaluated_checkpoint_recorded(tmp_path):
+    """expert_loads unset: the ExpertLoadMonitor state in the checkpoint passed to validate (--ckpt_path)."""
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    fit(tmp_path / "train", 1, 1, max_steps=2, callbacks=[ExpertLoadMonitor(heatmap=False), checkpoints])
+    ckpt = tmp_path / "ckpt" / "last.ckpt"
+    recorded = read_expert_loads(ckpt, "k")
+    assert recorded.shape == (2, 8)  # every token of 2 steps, K = 2 copies each, in each MoE layer
+    assert (recorded.sum(-1) == 2 * GLOBAL_BATCH * SEQ * 2).all()
+    want = evaluate(tmp_path / "one", 1, stages=("validate",), ckpt_path=ckpt)
+    got = evaluate(tmp_path / "ep", 2, stages=("validate",), ckpt_path=ckpt, redundant_experts=2)
+    placement: ExpertPlacement = got["validate_strategy"]["placement"]
+    assert torch.equal(placement.physical_to_logical, place_experts(recorded, 10, 2, num_groups=4).physical_to_logical)
+    for key, value in want["validate"].items():
+        assert abs(got["validate"][key] - value) <= 1e-6 * abs(value), (key, got["validate"][key], value)
+    for rank in range(2):
+        assert _relative(got["validate_ranks"][rank]["logits"], want["validate_ranks"][0]["logits"]) <= 1e-6
 
 
 def test_fit_with_redundant_experts_is_refused(tmp_path):
