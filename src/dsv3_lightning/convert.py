@@ -54,6 +54,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -69,12 +70,12 @@ log = logging.getLogger(__name__)
 _MODEL_FILES = (CONFIG_NAME, "tokenizer.json", INDEX_FILE, "model*.safetensors")
 
 
-def _ckpt_to_hf(src: Path, dst: Path, max_shard_size: int) -> None:
+def _ckpt_to_hf(src: Path, dst: Path, max_shard_size: int, model_type: str | None = None) -> None:
     checkpoint = torch.load(src, map_location="cpu", weights_only=False, mmap=True)
-    _checkpoint_to_hf(checkpoint, src, dst, max_shard_size)
+    _checkpoint_to_hf(checkpoint, src, dst, max_shard_size, model_type)
 
 
-def _sharded_to_hf(src: Path, dst: Path, max_shard_size: int) -> None:
+def _sharded_to_hf(src: Path, dst: Path, max_shard_size: int, model_type: str | None = None) -> None:
     """The model tensors are assembled into file-backed buffers (as ``_hf_to_ckpt`` reads), so the
     process holds at most the one tensor being assembled, not the model."""
     from dsv3_lightning.sharded_checkpoint_io import read_lightning_checkpoint
@@ -87,15 +88,17 @@ def _sharded_to_hf(src: Path, dst: Path, max_shard_size: int) -> None:
             return torch.from_file(f"{tmp}/{next(buffers)}", shared=True, size=numel, dtype=dtype).view(shape)
 
         checkpoint = read_lightning_checkpoint(src, optimizer_states=False, allocate=file_backed)
-        _checkpoint_to_hf(checkpoint, src, dst, max_shard_size)
+        _checkpoint_to_hf(checkpoint, src, dst, max_shard_size, model_type)
 
 
-def _checkpoint_to_hf(checkpoint: dict, src: Path, dst: Path, max_shard_size: int) -> None:
+def _checkpoint_to_hf(
+    checkpoint: dict, src: Path, dst: Path, max_shard_size: int, model_type: str | None = None
+) -> None:
     module = module_from_checkpoint(checkpoint, str(src))
     extra = {}
     for head in module.heads:
         extra.update(head.hf_state_dict(module.model))
-    module.model.save_pretrained(dst, max_shard_size=max_shard_size, extra_state=extra)
+    module.model.save_pretrained(dst, max_shard_size=max_shard_size, extra_state=extra, model_type=model_type)
     tokenizer = checkpoint.get("DSV3DataModule", {}).get("tokenizer_json")
     if tokenizer is not None:
         (dst / "tokenizer.json").write_text(tokenizer, encoding="utf-8")
@@ -157,6 +160,7 @@ def convert(
     max_shard_size: int = 5 * 2**30,
     mtp_head: str = "dsv3_lightning.plugins.mtp.MultiTokenPrediction",
     overwrite: bool = False,
+    model_type: Literal["deepseek_v3", "deepseek_v2", "kimi_k2", "glm4_moe_lite"] | None = None,
 ) -> None:
     """Convert between a Lightning checkpoint and a Hugging Face directory (the direction from SRC).
 
@@ -169,9 +173,11 @@ def convert(
         mtp_head: The prediction head class that takes a Hugging Face directory's MTP layers.
         overwrite: Write into a non-empty DST directory (its model files are replaced, stale ones
             removed) or over an existing DST file; a warning names what was replaced, removed and kept.
+        model_type: The Hugging Face family to write a Lightning checkpoint as (its config.json
+            names and model_type); default deepseek_v3, or deepseek_v2 for softmax routing.
     """
     source, target = Path(src).expanduser(), Path(dst).expanduser()
-    write = _plan(src, source, dst, target, max_shard_size, mtp_head)
+    write = _plan(src, source, dst, target, max_shard_size, mtp_head, model_type)
     before = _inventory(target)
     if before and not overwrite:
         raise ValueError(_refusal(dst, target, before))
@@ -180,7 +186,7 @@ def convert(
 
 
 def _plan(
-    src: str, source: Path, dst: str, target: Path, max_shard_size: int, mtp_head: str
+    src: str, source: Path, dst: str, target: Path, max_shard_size: int, mtp_head: str, model_type: str | None = None
 ) -> Callable[[], None]:
     """Checks SRC and the kind of DST, and returns the conversion, not yet run."""
     sharded = looks_sharded(source)  # also a sharded SRC missing after an interrupted save (its .old)
@@ -194,11 +200,16 @@ def _plan(
             raise ValueError(f"{dst}: converting {what} gives a Hugging Face directory; name a directory")
         if sharded:
             resolve(source)  # refuses an incomplete one now, before DST is touched
-            return lambda: _sharded_to_hf(source, target, max_shard_size)
-        return lambda: _ckpt_to_hf(source, target, max_shard_size)
+            return lambda: _sharded_to_hf(source, target, max_shard_size, model_type)
+        return lambda: _ckpt_to_hf(source, target, max_shard_size, model_type)
     config = json.loads((source / "config.json").read_text()) if (source / "config.json").is_file() else None
     if config is None:
         raise FileNotFoundError(f"{source}/config.json: missing; SRC must be a Hugging Face model directory")
+    if model_type is not None:
+        raise ValueError(
+            f"--model_type {model_type}: applies to a Lightning checkpoint written as Hugging Face; SRC {src} "
+            f"is already a Hugging Face directory (model_type {config.get('model_type')!r})"
+        )
     model_config = config_from_hf(config, source=str(source / "config.json"))  # refuses other architectures
     quantized = config.get("quantization_config") or (config.get("text_config") or {}).get("quantization_config")
     if quantized and target.suffix != ".ckpt":

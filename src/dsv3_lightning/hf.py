@@ -100,13 +100,15 @@ def _read_hf_state(
     allocate: Callable[[torch.Size, torch.dtype], torch.Tensor] | None = None,
     skip_extra: Callable[[str], bool] = lambda key: False,
     read_extra: bool = True,
+    dtype_of: Callable[[str, torch.dtype], torch.dtype] = lambda name, stored: stored,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(our state dict for the ``expected`` names, the MTP tensors of layers >= num_layers).
 
     ``allocate(shape, dtype)``, when given, makes the tensor each entry is copied into (streaming
     conversion passes file-backed memory, so that only one checkpoint tensor at a time is held);
     ``skip_extra(key)`` leaves out MTP tensors the caller does not need; ``read_extra=False`` returns
-    their keys mapped to None instead of reading them.
+    their keys mapped to None instead of reading them; ``dtype_of(name, stored dtype)`` is the dtype
+    each tensor is converted to as soon as it is read (default: as stored).
     """
     plain, extra = {}, {}
     for key in reader.weight_map:
@@ -131,11 +133,12 @@ def _read_hf_state(
             for e in range(ref.shape[0]):  # one expert at a time into the stacked tensor
                 row = stack_expert(reader.get, prefix, leaf, e)
                 if tensor is None:
-                    shape = (ref.shape[0], *row.shape)
-                    tensor = allocate(shape, row.dtype) if allocate else torch.empty(shape, dtype=row.dtype)
+                    shape, kind = (ref.shape[0], *row.shape), dtype_of(name, row.dtype)
+                    tensor = allocate(shape, kind) if allocate else torch.empty(shape, dtype=kind)
                 tensor[e] = row
         elif name in plain:
             tensor = reader.get(plain.pop(name))
+            tensor = tensor.to(dtype_of(name, tensor.dtype))
             if allocate is not None:
                 tensor = allocate(tensor.shape, tensor.dtype).copy_(tensor)
         else:
@@ -201,12 +204,17 @@ def load_pretrained(
     if config.scoring_func == "softmax":
         absent_in_v2 = {k: torch.zeros(v.shape) for k, v in expected.items() if k.endswith("e_score_correction_bias")}
         expected = {k: v for k, v in expected.items() if k not in absent_in_v2}
-    state, _ = _read_hf_state(reader, expected, config.num_hidden_layers, read_extra=False)
+
+    def dtype_of(name: str, stored: torch.dtype) -> torch.dtype:
+        # each tensor is converted as it is read (an FP8 one dequantized block row by block row
+        # first), so the process holds the model in ``dtype`` plus one checkpoint tensor, never a
+        # second copy of the checkpoint; the selection bias stays float32 whatever the weights' dtype
+        if name.endswith("e_score_correction_bias"):
+            return torch.float32
+        return dtype if stored.is_floating_point else stored
+
+    state, _ = _read_hf_state(reader, expected, config.num_hidden_layers, dtype_of=dtype_of, read_extra=False)
     state.update(absent_in_v2)
-    state = {  # the selection bias stays float32 whatever the weights' dtype
-        name: tensor.to(torch.float32 if name.endswith("e_score_correction_bias") else dtype)
-        for name, tensor in state.items()
-    }
     model.load_state_dict(state, strict=True, assign=True)
     model.to(dtype)
     model.reset_buffers()

@@ -6,8 +6,9 @@
 - a sharded checkpoint directory (a distributed ``dsv3 fit``; ``sharded_checkpoint``), told from a
   Hugging Face directory by its DCP files: the same, its model tensors assembled one at a time and its
   optimizer state never read;
-- a Hugging Face directory (config.json + safetensors): the model, MTP tensors kept aside in
-  ``model.mtp_checkpoint_state``, and ``tokenizer.json`` when the directory has one.
+- a Hugging Face directory (config.json + safetensors) of any family hf_families.py lists, block
+  FP8 included: the model (``model.hf_origin`` lists the MTP tensors it leaves on disk), and
+  ``tokenizer.json`` when the directory has one.
 
 Anything else is refused with a message that says what was expected.
 """
