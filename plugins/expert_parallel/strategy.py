@@ -58,10 +58,11 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
+from dsv3_lightning.model.router import Router
 from dsv3_lightning.plugins.expert_parallel.all_to_all import collective
 from dsv3_lightning.plugins.expert_parallel.placement import ExpertPlacement, imbalance, place_experts
 from dsv3_lightning.plugins.expert_parallel.replicas import PlacedExperts, check_loads, checked_placement, read_expert_loads
-from dsv3_lightning.model.router import Router
+from dsv3_lightning.plugins.expert_parallel.sharding import moe_layers
 from dsv3_lightning.plugins.parallel.mesh import KEY
 from dsv3_lightning.plugins.parallel.strategy import ParallelStrategy, check_model
 
@@ -108,6 +109,12 @@ class ExpertParallelStrategy(ParallelStrategy):
                 f"({expert_parallel_size}), so that the physical experts divide over the ranks (every rank the same "
                 f"number of slots): use a multiple such as {(redundant_experts // expert_parallel_size + 1) * expert_parallel_size}"
             )
+        if expert_parallel_size == 1 and (redundant_experts or expert_loads is not None):
+            raise ValueError(
+                f"{KEY}.redundant_experts ({redundant_experts}) / expert_loads ({expert_loads}) balance the tokens over "
+                f"expert ranks, but {KEY}.expert_parallel_size is 1 (every expert on every rank): raise "
+                "expert_parallel_size, or set redundant_experts 0 and expert_loads null"
+            )
         super().__init__(expert_parallel_size=expert_parallel_size, **kwargs)  # YAML sees the base's options
         self.redundant_experts = redundant_experts
         self.expert_loads = expert_loads
@@ -126,8 +133,6 @@ class ExpertParallelStrategy(ParallelStrategy):
     def check_model(self, module: torch.nn.Module) -> None:
         super().check_model(module)
         if self.places_experts:
-            from dsv3_lightning.plugins.expert_parallel.sharding import moe_layers
-
             moe = moe_layers(module)[0][1]
             num_experts, R, S = moe.experts.num_experts, self.expert_parallel_size, self.redundant_experts
             nodes = self._placement_nodes()

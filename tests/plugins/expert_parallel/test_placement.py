@@ -139,6 +139,8 @@ def test_strategy_option_errors():
         ExpertParallelStrategy(2, redundant_experts=-1)
     with pytest.raises(ValueError, match=rf"{KEY}\.redundant_experts \(3\) must be a multiple of {KEY}\.expert_parallel_size \(2\).*such as 4"):
         ExpertParallelStrategy(2, redundant_experts=3)
+    with pytest.raises(ValueError, match=rf"redundant_experts \(1\) .* but {KEY}\.expert_parallel_size is 1.*raise expert_parallel_size"):
+        ExpertParallelStrategy(1, redundant_experts=1)
     module = make_module(mtp=False)  # 8 experts: 2 ranks hold at most 8 + 8 slots
     ExpertParallelStrategy(2, redundant_experts=8).check_model(module)
     with pytest.raises(ValueError, match=rf"{KEY}\.redundant_experts \(10\) asks for 9 slots per rank, more than the 8 experts.*at most 8"):
