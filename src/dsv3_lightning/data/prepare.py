@@ -92,7 +92,7 @@ class PrepareSettings:
     """Bytes of whole files the tokenizer is trained on (a bounded sample of a large corpus)."""
     shard_tokens: int = 1 << 26
     """Token ids per shard (the last one holds the rest): 128 MB of uint16."""
-    unit_bytes: int = 4_000_000
+    unit_bytes: int = 1_000_000
     """Bytes of source files per work unit (one file when larger)."""
 
     def __post_init__(self) -> None:
