@@ -103,24 +103,26 @@ LOSS_LINE = re.compile(r"val/loss\s+│\s+([0-9.]+)")
 
 def measure(checkpoint: Path, config: str, limit: int) -> None:
     print(f"## Measured with dsv3 validate on gloo ({config}, {limit} validation batches)\n")
-    print(row("EP ranks R", "extra slots S", "rank max/mean per MoE layer", "mean", "val/loss"))
-    print(row(*["---"] * 5))
-    for R, S in ((2, 0), (2, 2), (2, 8), (4, 0), (4, 4), (4, 16)):
+    print(row("EP ranks R", "extra slots S", "placement", "rank max/mean per MoE layer", "mean", "val/loss"))
+    print(row(*["---"] * 6))
+    for R, S, placed in ((2, 0, False), (2, 0, True), (2, 2, True), (2, 8, True),
+                         (4, 0, False), (4, 0, True), (4, 4, True), (4, 16, True)):
         command = [
             sys.executable, "-m", "dsv3_lightning.cli", "validate", "--config", config, "--ckpt_path", str(checkpoint),
             "--trainer.devices", str(R), "--trainer.logger", "false", "--trainer.limit_val_batches", str(limit),
             "--trainer.strategy", "dsv3_lightning.plugins.expert_parallel.ExpertParallelStrategy",
             "--trainer.strategy.init_args.expert_parallel_size", str(R),
             "--trainer.strategy.init_args.redundant_experts", str(S),
-        ]
+        ] + (["--trainer.strategy.init_args.expert_loads", str(checkpoint)] if placed else [])
         done = subprocess.run(command, capture_output=True, text=True)
         text = done.stdout + done.stderr
         load, loss = LOAD_LINE.search(text), LOSS_LINE.search(text)
         if done.returncode or not load or not loss:
-            print(row(R, S, f"failed (exit {done.returncode}): {text[-300:]!r}", "", ""))
+            print(row(R, S, placed, f"failed (exit {done.returncode}): {text[-300:]!r}", "", ""))
             continue
         values = [float(v) for v in load.group(1).split(",")]
-        print(row(R, S, ", ".join(f"{v:.3f}" for v in values), f"{sum(values) / len(values):.3f}", loss.group(1)))
+        how = "from the recorded loads" if placed else "even (plain expert parallelism)"
+        print(row(R, S, how, ", ".join(f"{v:.3f}" for v in values), f"{sum(values) / len(values):.3f}", loss.group(1)))
     print()
 
 
