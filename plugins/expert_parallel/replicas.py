@@ -206,7 +206,7 @@ def read_expert_loads(path: str | Path, key: str) -> torch.Tensor:
     from dsv3_lightning.sharded_checkpoint import looks_sharded, read_objects
 
     path = Path(path)
-    if not path.exists():
+    if not path.is_file() and not looks_sharded(path):
         raise ValueError(f"{key} ({path}) does not exist: give a checkpoint of a run with ExpertLoadMonitor, or a torch file of a [layers, experts] tensor")
     content = read_objects(path) if looks_sharded(path) else torch.load(path, map_location="cpu", weights_only=False)
     if isinstance(content, dict) and "expert_load" in content:

@@ -7,6 +7,7 @@ import pytest
 import torch
 from ep_tiny import make_module
 from dsv3_lightning.plugins.expert_parallel import ExpertParallelStrategy
+from dsv3_lightning.sharded_checkpoint import save
 from dsv3_lightning.plugins.expert_parallel.placement import (
     ExpertPlacement,
     balanced_packing,
@@ -122,6 +123,8 @@ def test_loads_read_from_a_checkpoint_or_a_tensor_file(tmp_path):
     recent = [torch.tensor([[1.0, 2.0], [3.0, 0.0]]), torch.tensor([[0.0, 1.0], [1.0, 1.0]])]
     torch.save({"state_dict": {}, "callbacks": {"ExpertLoadMonitor": {"recent": recent}}}, tmp_path / "run.ckpt")
     assert read_expert_loads(tmp_path / "run.ckpt", "k").tolist() == [[1.0, 3.0], [4.0, 1.0]]
+    save(tmp_path / "sharded.ckpt", {"callbacks": {"ExpertLoadMonitor": {"recent": recent}}, "x": torch.ones(1)}, no_dist=True)
+    assert read_expert_loads(tmp_path / "sharded.ckpt", "k").tolist() == [[1.0, 3.0], [4.0, 1.0]]  # a directory
     torch.save(torch.ones(2, 2), tmp_path / "loads.pt")
     assert read_expert_loads(tmp_path / "loads.pt", "k").tolist() == [[1.0, 1.0], [1.0, 1.0]]
     torch.save({"state_dict": {}, "callbacks": {}}, tmp_path / "plain.ckpt")
