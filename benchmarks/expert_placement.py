@@ -34,7 +34,9 @@ from dsv3_lightning.plugins.load_balancing.heatmap import load_heatmap, write_pn
 def zipf_loads(num_layers: int, num_experts: int, exponent: float, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     ranks = torch.arange(1, num_experts + 1, dtype=torch.float64)
-    return torch.stack([(1e6 / ranks**exponent)[torch.randperm(num_experts, generator=g)] for _ in range(num_layers)])
+    return torch.stack(
+        [(1e6 / ranks**exponent)[torch.randperm(num_experts, generator=g)] for _ in range(num_layers)]
+    )
 
 
 def row(*cells) -> str:
@@ -56,9 +58,21 @@ def heatmap(before_LR: torch.Tensor, after_LR: torch.Tensor, path: Path, cell: i
 
 def synthetic(out: Path, layers: int) -> None:
     E, R, N, G = 256, 64, 8, 8
-    print(f"## Synthetic layer: {E} experts in {G} groups, {R} ranks on {N} nodes, {layers} layers of Zipf loads\n")
+    print(
+        f"## Synthetic layer: {E} experts in {G} groups, {R} ranks on {N} nodes, {layers} layers of Zipf loads\n"
+    )
     print("predicted per-rank max/mean, mean over layers (worst layer)\n")
-    print(row("Zipf s", "extra slots S", "slots/rank", "even", "flat placement", "hierarchical", "hierarchical, per node"))
+    print(
+        row(
+            "Zipf s",
+            "extra slots S",
+            "slots/rank",
+            "even",
+            "flat placement",
+            "hierarchical",
+            "hierarchical, per node",
+        )
+    )
     print(row(*["---"] * 7))
     for exponent in (0.5, 1.0):
         loads = zipf_loads(layers, E, exponent)
@@ -67,8 +81,17 @@ def synthetic(out: Path, layers: int) -> None:
             flat = place_experts(loads, E + S, R)
             hier = place_experts(loads, E + S, R, num_nodes=N, num_groups=G)
             per_node = imbalance(hier.rank_loads(loads).view(layers, N, R // N).sum(-1))
-            print(row(exponent, S, (E + S) // R, fmt(even), fmt(imbalance(flat.rank_loads(loads))),
-                      fmt(imbalance(hier.rank_loads(loads))), fmt(per_node)))
+            print(
+                row(
+                    exponent,
+                    S,
+                    (E + S) // R,
+                    fmt(even),
+                    fmt(imbalance(flat.rank_loads(loads))),
+                    fmt(imbalance(hier.rank_loads(loads))),
+                    fmt(per_node),
+                )
+            )
             if exponent == 1.0 and S == 64:
                 maps = ExpertPlacement.even(layers, E, R).rank_loads(loads), hier.rank_loads(loads)
     print()
@@ -79,25 +102,41 @@ def synthetic(out: Path, layers: int) -> None:
 def recorded(checkpoint: Path, out: Path) -> torch.Tensor:
     loads = read_expert_loads(checkpoint, "--checkpoint")
     L, E = loads.shape
-    print(f"## Recorded loads of {checkpoint}: {L} MoE layers x {E} experts, {loads.sum():.0f} routed token copies\n")
-    print("predicted per-rank max/mean, mean over layers (worst layer); groups = 4 (the tiny preset's n_group)\n")
+    print(
+        f"## Recorded loads of {checkpoint}: {L} MoE layers x {E} experts, {loads.sum():.0f} routed token copies\n"
+    )
+    print(
+        "predicted per-rank max/mean, mean over layers (worst layer); groups = 4 (the tiny preset's n_group)\n"
+    )
     print(row("EP ranks R", "extra slots S", "slots/rank", "even (S = 0)", "placed, flat", "placed, 2 nodes"))
     print(row(*["---"] * 6))
     for R in (2, 4):
         even = imbalance(ExpertPlacement.even(L, E, R).rank_loads(loads))
-        for per_rank in range(0, 5):
+        for per_rank in range(5):
             S = per_rank * R
             flat = imbalance(place_experts(loads, E + S, R).rank_loads(loads))
-            two = "" if R < 4 else fmt(imbalance(place_experts(loads, E + S, R, num_nodes=2, num_groups=4).rank_loads(loads)))
+            two = (
+                ""
+                if R < 4
+                else fmt(
+                    imbalance(place_experts(loads, E + S, R, num_nodes=2, num_groups=4).rank_loads(loads))
+                )
+            )
             print(row(R, S, (E + S) // R, fmt(even), fmt(flat), two))
     print()
-    heatmap(ExpertPlacement.even(L, E, 4).rank_loads(loads), place_experts(loads, E + 4, 4).rank_loads(loads),
-            out / "placement_checkpoint.png", 24)
+    heatmap(
+        ExpertPlacement.even(L, E, 4).rank_loads(loads),
+        place_experts(loads, E + 4, 4).rank_loads(loads),
+        out / "placement_checkpoint.png",
+        24,
+    )
     print("(R = 4, S = 4, flat)\n")
     return loads
 
 
-LOAD_LINE = re.compile(r"validation tokens per expert rank, max/mean over \d+ ranks per MoE layer: ([0-9., ]+)")
+LOAD_LINE = re.compile(
+    r"validation tokens per expert rank, max/mean over \d+ ranks per MoE layer: ([0-9., ]+)"
+)
 LOSS_LINE = re.compile(r"val/loss\s+│\s+([0-9.]+)")
 
 
@@ -105,14 +144,37 @@ def measure(checkpoint: Path, config: str, limit: int) -> None:
     print(f"## Measured with dsv3 validate on gloo ({config}, {limit} validation batches)\n")
     print(row("EP ranks R", "extra slots S", "placement", "rank max/mean per MoE layer", "mean", "val/loss"))
     print(row(*["---"] * 6))
-    for R, S, placed in ((2, 0, False), (2, 0, True), (2, 2, True), (2, 8, True),
-                         (4, 0, False), (4, 0, True), (4, 4, True), (4, 16, True)):
+    for R, S, placed in (
+        (2, 0, False),
+        (2, 0, True),
+        (2, 2, True),
+        (2, 8, True),
+        (4, 0, False),
+        (4, 0, True),
+        (4, 4, True),
+        (4, 16, True),
+    ):
         command = [
-            sys.executable, "-m", "dsv3_lightning.cli", "validate", "--config", config, "--ckpt_path", str(checkpoint),
-            "--trainer.devices", str(R), "--trainer.logger", "false", "--trainer.limit_val_batches", str(limit),
-            "--trainer.strategy", "dsv3_lightning.plugins.expert_parallel.ExpertParallelStrategy",
-            "--trainer.strategy.init_args.expert_parallel_size", str(R),
-            "--trainer.strategy.init_args.redundant_experts", str(S),
+            sys.executable,
+            "-m",
+            "dsv3_lightning.cli",
+            "validate",
+            "--config",
+            config,
+            "--ckpt_path",
+            str(checkpoint),
+            "--trainer.devices",
+            str(R),
+            "--trainer.logger",
+            "false",
+            "--trainer.limit_val_batches",
+            str(limit),
+            "--trainer.strategy",
+            "dsv3_lightning.plugins.expert_parallel.ExpertParallelStrategy",
+            "--trainer.strategy.init_args.expert_parallel_size",
+            str(R),
+            "--trainer.strategy.init_args.redundant_experts",
+            str(S),
         ] + (["--trainer.strategy.init_args.expert_loads", str(checkpoint)] if placed else [])
         done = subprocess.run(command, capture_output=True, text=True)
         text = done.stdout + done.stderr
@@ -122,12 +184,23 @@ def measure(checkpoint: Path, config: str, limit: int) -> None:
             continue
         values = [float(v) for v in load.group(1).split(",")]
         how = "from the recorded loads" if placed else "even (plain expert parallelism)"
-        print(row(R, S, how, ", ".join(f"{v:.3f}" for v in values), f"{sum(values) / len(values):.3f}", loss.group(1)))
+        print(
+            row(
+                R,
+                S,
+                how,
+                ", ".join(f"{v:.3f}" for v in values),
+                f"{sum(values) / len(values):.3f}",
+                loss.group(1),
+            )
+        )
     print()
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--checkpoint", type=Path, help="a checkpoint of a run with ExpertLoadMonitor")
     parser.add_argument("--measure", action="store_true", help="also run dsv3 validate on gloo (minutes)")
     parser.add_argument("--config", default="configs/tiny.yaml")

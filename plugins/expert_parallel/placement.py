@@ -62,11 +62,15 @@ class ExpertPlacement:
     """R: the expert ranks the slots are spread over."""
 
     @classmethod
-    def from_physical_to_logical(cls, physical_to_logical: torch.Tensor, num_experts: int, num_ranks: int) -> ExpertPlacement:
+    def from_physical_to_logical(
+        cls, physical_to_logical: torch.Tensor, num_experts: int, num_ranks: int
+    ) -> ExpertPlacement:
         """The placement that ``physical_to_logical`` [L, P] describes (the other two maps derived)."""
         phy2log = physical_to_logical.to(torch.int64)
         if phy2log.dim() != 2:
-            raise ValueError(f"physical_to_logical must be [layers, physical slots], got shape {tuple(phy2log.shape)}")
+            raise ValueError(
+                f"physical_to_logical must be [layers, physical slots], got shape {tuple(phy2log.shape)}"
+            )
         counts = torch.zeros(phy2log.shape[0], num_experts, dtype=torch.int64)
         if phy2log.numel():
             counts.scatter_add_(1, phy2log.clamp(0, num_experts - 1), torch.ones_like(phy2log))
@@ -83,7 +87,9 @@ class ExpertPlacement:
     @classmethod
     def even(cls, num_layers: int, num_experts: int, num_ranks: int) -> ExpertPlacement:
         """Today's layout without redundant experts: expert e on rank e // (E / R), one copy each."""
-        return cls.from_physical_to_logical(torch.arange(num_experts).repeat(num_layers, 1), num_experts, num_ranks)
+        return cls.from_physical_to_logical(
+            torch.arange(num_experts).repeat(num_layers, 1), num_experts, num_ranks
+        )
 
     @property
     def num_layers(self) -> int:
@@ -111,13 +117,19 @@ class ExpertPlacement:
         ``num_experts`` experts in which every expert has a copy and the three maps agree."""
         phy2log = self.physical_to_logical
         if phy2log.dim() != 2 or phy2log.shape[0] != num_layers:
-            raise ValueError(f"{what} has physical_to_logical of shape {tuple(phy2log.shape)}; want [{num_layers}, P]")
+            raise ValueError(
+                f"{what} has physical_to_logical of shape {tuple(phy2log.shape)}; want [{num_layers}, P]"
+            )
         if self.num_ranks < 1 or phy2log.shape[1] % self.num_ranks:
-            raise ValueError(f"{what} has {phy2log.shape[1]} physical slots, not a multiple of {self.num_ranks} ranks")
+            raise ValueError(
+                f"{what} has {phy2log.shape[1]} physical slots, not a multiple of {self.num_ranks} ranks"
+            )
         bad = (phy2log < 0) | (phy2log >= num_experts)
         if bad.any():
             layer, slot = (int(i) for i in bad.nonzero()[0])
-            raise ValueError(f"{what}: layer {layer}, slot {slot} holds expert {int(phy2log[layer, slot])}, not in 0..{num_experts - 1}")
+            raise ValueError(
+                f"{what}: layer {layer}, slot {slot} holds expert {int(phy2log[layer, slot])}, not in 0..{num_experts - 1}"
+            )
         derived = ExpertPlacement.from_physical_to_logical(phy2log, num_experts, self.num_ranks)
         missing = (derived.replica_counts == 0).nonzero()
         if len(missing):
@@ -129,7 +141,9 @@ class ExpertPlacement:
         if not torch.equal(self.replica_counts, derived.replica_counts):
             raise ValueError(f"{what}: replica_counts disagree with physical_to_logical")
         width = derived.logical_to_physical.shape[-1]
-        if self.logical_to_physical.shape[-1] < width or not torch.equal(self.logical_to_physical[..., :width], derived.logical_to_physical):
+        if self.logical_to_physical.shape[-1] < width or not torch.equal(
+            self.logical_to_physical[..., :width], derived.logical_to_physical
+        ):
             raise ValueError(f"{what}: logical_to_physical disagrees with physical_to_logical")
 
     def slot_loads(self, load_LE: torch.Tensor) -> torch.Tensor:
@@ -153,7 +167,13 @@ class PlacementFunction(Protocol):
     """The placement seam: ``place_experts``' signature, for ``trainer.strategy.init_args.placement``."""
 
     def __call__(
-        self, load_LE: torch.Tensor, num_physical_experts: int, num_ranks: int, *, num_nodes: int = 1, num_groups: int = 1
+        self,
+        load_LE: torch.Tensor,
+        num_physical_experts: int,
+        num_ranks: int,
+        *,
+        num_nodes: int = 1,
+        num_groups: int = 1,
     ) -> ExpertPlacement: ...
 
 
@@ -221,7 +241,12 @@ def _inverse(permutation_XN: torch.Tensor) -> torch.Tensor:
 
 
 def place_experts(
-    load_LE: torch.Tensor, num_physical_experts: int, num_ranks: int, *, num_nodes: int = 1, num_groups: int = 1
+    load_LE: torch.Tensor,
+    num_physical_experts: int,
+    num_ranks: int,
+    *,
+    num_nodes: int = 1,
+    num_groups: int = 1,
 ) -> ExpertPlacement:
     """The balanced placement of every layer's E experts onto ``num_physical_experts`` slots of
     ``num_ranks`` ranks (see the module docstring for the algorithm).
@@ -240,8 +265,12 @@ def place_experts(
         ValueError: loads that are not [L, E] non-negative finite numbers, P not a multiple of R, P < E,
             or more extra slots than distinct copies fit (each rank at most one copy of an expert).
     """
-    if load_LE.dim() != 2 or (not load_LE.is_floating_point() and load_LE.dtype not in (torch.int32, torch.int64)):
-        raise ValueError(f"the expert loads must be a [layers, experts] tensor of numbers, got {load_LE.dtype} {tuple(load_LE.shape)}")
+    if load_LE.dim() != 2 or (
+        not load_LE.is_floating_point() and load_LE.dtype not in (torch.int32, torch.int64)
+    ):
+        raise ValueError(
+            f"the expert loads must be a [layers, experts] tensor of numbers, got {load_LE.dtype} {tuple(load_LE.shape)}"
+        )
     load_LE = load_LE.detach().double().cpu()
     if not torch.isfinite(load_LE).all() or (load_LE < 0).any():
         raise ValueError("the expert loads must be finite and non-negative")
@@ -252,7 +281,9 @@ def place_experts(
             f"{P} physical experts for {num_experts} experts over {R} ranks: the physical experts must be at least "
             f"the experts and a multiple of the ranks"
         )
-    hierarchical = num_nodes > 1 and num_groups % num_nodes == 0 and num_experts % num_groups == 0 and R % num_nodes == 0
+    hierarchical = (
+        num_nodes > 1 and num_groups % num_nodes == 0 and num_experts % num_groups == 0 and R % num_nodes == 0
+    )
     nodes, groups = (num_nodes, num_groups) if hierarchical else (1, 1)
     ranks_per_node = R // nodes
     if P // R > num_experts // nodes:

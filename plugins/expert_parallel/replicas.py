@@ -48,7 +48,9 @@ class ReplicaTokenDispatcher:
         rotation: Where this rank starts on each expert's replicas (its replica index).
     """
 
-    def __init__(self, inner: Any, logical_to_physical_EX: torch.Tensor, replica_counts_E: torch.Tensor, rotation: int) -> None:
+    def __init__(
+        self, inner: Any, logical_to_physical_EX: torch.Tensor, replica_counts_E: torch.Tensor, rotation: int
+    ) -> None:
         self.inner = inner
         self.logical_to_physical_EX = logical_to_physical_EX
         self.replica_counts_E = replica_counts_E
@@ -86,7 +88,12 @@ class ReplicaTokenDispatcher:
 
 
 def move_rows(
-    local: torch.Tensor, held: Sequence[Sequence[int]], wanted: Sequence[Sequence[int]], rank: int, comm: Comm, what: str
+    local: torch.Tensor,
+    held: Sequence[Sequence[int]],
+    wanted: Sequence[Sequence[int]],
+    rank: int,
+    comm: Comm,
+    what: str,
 ) -> torch.Tensor:
     """Rows ``wanted[rank]`` (expert ids) gathered from the ranks that hold them: ``held[k]`` lists the
     ids of rank k's rows in order (this rank's are ``local``). Each wanted row comes from the lowest rank
@@ -111,7 +118,9 @@ def move_rows(
     return out.view(len(sources), *local.shape[1:])
 
 
-def _swap_weights(shard: ExpertShard, held: list[list[int]], wanted: list[list[int]], rank: int, comm: Comm) -> None:
+def _swap_weights(
+    shard: ExpertShard, held: list[list[int]], wanted: list[list[int]], rank: int, comm: Comm
+) -> None:
     experts = shard.experts
     for w in EXPERT_WEIGHTS:
         old = getattr(experts, w)
@@ -137,7 +146,15 @@ class PlacedExperts:
         rotation: Where this rank starts on each expert's replicas.
     """
 
-    def __init__(self, shards: Sequence[ExpertShard], placement: ExpertPlacement, make_dispatcher, rank: int, comm: Comm, rotation: int) -> None:
+    def __init__(
+        self,
+        shards: Sequence[ExpertShard],
+        placement: ExpertPlacement,
+        make_dispatcher,
+        rank: int,
+        comm: Comm,
+        rotation: int,
+    ) -> None:
         self.shards, self.placement, self.rank, self.comm = list(shards), placement, rank, comm
         R = placement.num_ranks
         self._saved = []
@@ -176,12 +193,21 @@ def check_loads(loads: torch.Tensor, num_layers: int, num_experts: int, key: str
 
 
 def checked_placement(
-    placement_fn, loads_LE: torch.Tensor, num_physical_experts: int, num_ranks: int, *, num_nodes: int, num_groups: int, key: str
+    placement_fn,
+    loads_LE: torch.Tensor,
+    num_physical_experts: int,
+    num_ranks: int,
+    *,
+    num_nodes: int,
+    num_groups: int,
+    key: str,
 ) -> ExpertPlacement:
     """``placement_fn``'s placement of ``loads_LE``, or a ``ValueError`` naming ``key`` (the setting that
     chose the function) when it is not a placement of every expert on these slots and ranks."""
     num_layers, num_experts = loads_LE.shape
-    placement = placement_fn(loads_LE, num_physical_experts, num_ranks, num_nodes=num_nodes, num_groups=num_groups)
+    placement = placement_fn(
+        loads_LE, num_physical_experts, num_ranks, num_nodes=num_nodes, num_groups=num_groups
+    )
     name = getattr(placement_fn, "__qualname__", type(placement_fn).__name__)
     what = f"{key} ({name})"
     fix = "fix the placement function or use the default (placement: null)"
@@ -207,17 +233,22 @@ def read_expert_loads(path: str | Path, key: str) -> torch.Tensor:
 
     path = Path(path)
     if not path.is_file() and not looks_sharded(path):
-        raise ValueError(f"{key} ({path}) does not exist: give a checkpoint of a run with ExpertLoadMonitor, or a torch file of a [layers, experts] tensor")
-    content = read_objects(path) if looks_sharded(path) else torch.load(path, map_location="cpu", weights_only=False)
+        raise ValueError(
+            f"{key} ({path}) does not exist: give a checkpoint of a run with ExpertLoadMonitor, or a torch file of a [layers, experts] tensor"
+        )
+    content = (
+        read_objects(path)
+        if looks_sharded(path)
+        else torch.load(path, map_location="cpu", weights_only=False)
+    )
     if isinstance(content, dict) and "expert_load" in content:
         content = content["expert_load"]
     if torch.is_tensor(content):
         return content.double()
     states = content.get("callbacks", {}) if isinstance(content, dict) else {}
     for name, state in states.items():
-        if isinstance(state, dict) and state.get("recent"):
-            if str(name).startswith("ExpertLoadMonitor"):
-                return torch.stack([t.double() for t in state["recent"]]).sum(0)
+        if str(name).startswith("ExpertLoadMonitor") and isinstance(state, dict) and state.get("recent"):
+            return torch.stack([t.double() for t in state["recent"]]).sum(0)
     raise ValueError(
         f"{key} ({path}) holds no expert loads: a checkpoint needs the ExpertLoadMonitor callback's state "
         "(add dsv3_lightning.plugins.load_balancing.ExpertLoadMonitor to trainer.callbacks when training), or save "

@@ -61,7 +61,12 @@ from typing_extensions import override
 from dsv3_lightning.model.router import Router
 from dsv3_lightning.plugins.expert_parallel.all_to_all import collective
 from dsv3_lightning.plugins.expert_parallel.placement import ExpertPlacement, imbalance, place_experts
-from dsv3_lightning.plugins.expert_parallel.replicas import PlacedExperts, check_loads, checked_placement, read_expert_loads
+from dsv3_lightning.plugins.expert_parallel.replicas import (
+    PlacedExperts,
+    check_loads,
+    checked_placement,
+    read_expert_loads,
+)
 from dsv3_lightning.plugins.expert_parallel.sharding import moe_layers
 from dsv3_lightning.plugins.parallel.mesh import KEY
 from dsv3_lightning.plugins.parallel.strategy import ParallelStrategy, check_model
@@ -102,7 +107,9 @@ class ExpertParallelStrategy(ParallelStrategy):
         **kwargs: Any,
     ) -> None:
         if redundant_experts < 0:
-            raise ValueError(f"{KEY}.redundant_experts ({redundant_experts}) must be >= 0 (0: no redundant experts)")
+            raise ValueError(
+                f"{KEY}.redundant_experts ({redundant_experts}) must be >= 0 (0: no redundant experts)"
+            )
         if expert_parallel_size >= 1 and redundant_experts % expert_parallel_size:  # < 1: the base says so
             raise ValueError(
                 f"{KEY}.redundant_experts ({redundant_experts}) must be a multiple of {KEY}.expert_parallel_size "
@@ -205,15 +212,21 @@ class ExpertParallelStrategy(ParallelStrategy):
     def compute_placement(self, loads_LE: torch.Tensor) -> ExpertPlacement:
         """The placement of every MoE layer (``placement`` with this run's ranks, nodes and groups), checked."""
         return checked_placement(
-            self.placement_fn, loads_LE, self._shards[0].num_experts + self.redundant_experts, self.expert_parallel_size,
+            self.placement_fn,
+            loads_LE,
+            self._shards[0].num_experts + self.redundant_experts,
+            self.expert_parallel_size,
             num_nodes=self._placement_nodes(),
-            num_groups=self._shards[0].moe.gate.n_group, key=f"{KEY}.placement",
+            num_groups=self._shards[0].moe.gate.n_group,
+            key=f"{KEY}.placement",
         )
 
     def _start_evaluation(self) -> None:
         if not self._shards:
             return
-        self._router_start = [shard.moe.gate.tokens_routed_total.detach().cpu().clone() for shard in self._shards]
+        self._router_start = [
+            shard.moe.gate.tokens_routed_total.detach().cpu().clone() for shard in self._shards
+        ]
         if not self.places_experts:
             return
         if self.placement is None:
@@ -221,11 +234,18 @@ class ExpertParallelStrategy(ParallelStrategy):
             self.placement = self.compute_placement(self._loads_LE)
         mesh = self.mesh
         self._placed = PlacedExperts(
-            self._shards, self.placement, self.make_dispatcher, mesh.expert_rank,
-            self._expert_comm("expert placement"), rotation=mesh.replica_rank,
+            self._shards,
+            self.placement,
+            self.make_dispatcher,
+            mesh.expert_rank,
+            self._expert_comm("expert placement"),
+            rotation=mesh.replica_rank,
         )
-        before = imbalance(ExpertPlacement.even(len(self._shards), self._shards[0].num_experts, mesh.expert_parallel_size)
-                           .rank_loads(self._loads_LE))
+        before = imbalance(
+            ExpertPlacement.even(
+                len(self._shards), self._shards[0].num_experts, mesh.expert_parallel_size
+            ).rank_loads(self._loads_LE)
+        )
         after = imbalance(self.placement.rank_loads(self._loads_LE))
         rank_zero_info(
             f"{self.strategy_name}: {self.placement.num_physical_experts} slots per MoE layer "
@@ -240,10 +260,12 @@ class ExpertParallelStrategy(ParallelStrategy):
         if self._placed is not None:
             slots_LP = torch.stack([d.tokens_per_slot_P.cpu() for d in self._placed.dispatchers()]).double()
         else:
-            slots_LP = torch.stack([
-                shard.moe.gate.tokens_routed_total.detach().cpu() - start
-                for shard, start in zip(self._shards, self._router_start)
-            ]).double()
+            slots_LP = torch.stack(
+                [
+                    shard.moe.gate.tokens_routed_total.detach().cpu() - start
+                    for shard, start in zip(self._shards, self._router_start)
+                ]
+            ).double()
         total = slots_LP.to(self.root_device)
         comm = self.mesh.comm(self.mesh.block_group, "per-rank load logs")
         collective(comm, "rank-load all-reduce", lambda: dist.all_reduce(total, group=comm.group))

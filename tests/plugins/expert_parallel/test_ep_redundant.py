@@ -37,7 +37,9 @@ class Record(L.Callback):
     def _end(self, trainer, pl_module, stage):
         with torch.no_grad():
             logits = pl_module.model(PROBE).logits
-        load = torch.stack([m.gate.tokens_routed_total - s for (_, m), s in zip(moe_layers(pl_module), self.start)])
+        load = torch.stack(
+            [m.gate.tokens_routed_total - s for (_, m), s in zip(moe_layers(pl_module), self.start)]
+        )
         torch.save({"logits": logits, "load": load}, self.root / f"{stage}{trainer.global_rank}.pt")
 
     def on_validation_epoch_start(self, trainer, pl_module):
@@ -55,20 +57,33 @@ class Record(L.Callback):
     def teardown(self, trainer, pl_module, stage):
         if trainer.is_global_zero:
             strategy, name = trainer.strategy, getattr(stage, "value", stage)  # a TrainerFn
-            saved = {"rank_load": getattr(strategy, "rank_load", None), "placement": getattr(strategy, "placement", None)}
+            saved = {
+                "rank_load": getattr(strategy, "rank_load", None),
+                "placement": getattr(strategy, "placement", None),
+            }
             torch.save(saved, self.root / f"strategy_{name}.pt")
 
 
-def evaluate(root: Path, devices: int, stages=("validate", "test"), ckpt_path=None, **strategy_kwargs) -> dict:
+def evaluate(
+    root: Path, devices: int, stages=("validate", "test"), ckpt_path=None, **strategy_kwargs
+) -> dict:
     root.mkdir(parents=True, exist_ok=True)
     module = make_module()
     want_state = {k: v.clone() for k, v in module.state_dict().items()}
     strategy = (
-        ExpertParallelStrategy(devices, start_method="fork", timeout=60, **strategy_kwargs) if devices > 1 else "auto"
+        ExpertParallelStrategy(devices, start_method="fork", timeout=60, **strategy_kwargs)
+        if devices > 1
+        else "auto"
     )
     trainer = L.Trainer(
-        accelerator="cpu", devices=devices, strategy=strategy, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, use_distributed_sampler=False, callbacks=[Record(root)],
+        accelerator="cpu",
+        devices=devices,
+        strategy=strategy,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        callbacks=[Record(root)],
     )
     loader = DataLoader(list(VAL), batch_size=GLOBAL_BATCH // devices, sampler=StridedSampler(len(VAL)))
     out = {"module_unchanged": True}
@@ -122,7 +137,11 @@ def test_hierarchical_placement_over_two_nodes_with_two_hop_dispatch(plain, tmp_
     load = sum(r["load"] for r in plain["validate_ranks"]).double()
     torch.save({"expert_load": load}, tmp_path / "loads.pt")
     got = evaluate(
-        tmp_path / "run", 4, stages=("validate",), redundant_experts=4, ranks_per_node=2,
+        tmp_path / "run",
+        4,
+        stages=("validate",),
+        redundant_experts=4,
+        ranks_per_node=2,
         expert_loads=str(tmp_path / "loads.pt"),
     )
     placement: ExpertPlacement = got["validate_strategy"]["placement"]
@@ -150,7 +169,9 @@ def test_placement_from_the_loads_the_evaluated_checkpoint_recorded(tmp_path):
     want = evaluate(tmp_path / "one", 1, stages=("validate",), ckpt_path=ckpt)
     got = evaluate(tmp_path / "ep", 2, stages=("validate",), ckpt_path=ckpt, redundant_experts=2)
     placement: ExpertPlacement = got["validate_strategy"]["placement"]
-    assert torch.equal(placement.physical_to_logical, place_experts(recorded, 10, 2, num_groups=4).physical_to_logical)
+    assert torch.equal(
+        placement.physical_to_logical, place_experts(recorded, 10, 2, num_groups=4).physical_to_logical
+    )
     for key, value in want["validate"].items():
         assert abs(got["validate"][key] - value) <= 1e-6 * abs(value), (key, got["validate"][key], value)
     for rank in range(2):
@@ -159,8 +180,16 @@ def test_placement_from_the_loads_the_evaluated_checkpoint_recorded(tmp_path):
 
 def test_fit_with_redundant_experts_is_refused(tmp_path):
     strategy = ExpertParallelStrategy(2, start_method="fork", timeout=30, redundant_experts=2)
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=1, logger=False,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=strategy,
+        max_steps=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     loader = DataLoader(list(VAL), batch_size=4)
     with pytest.raises(Exception, match=r"redundant_experts \(2\).*validate, test and predict only.*to 0"):
         trainer.fit(make_module(), loader)
