@@ -48,8 +48,8 @@ QUANTIZATION_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_met
 
 
 def dequantize_weight(weight: torch.Tensor, scale_inv: torch.Tensor, block: int = 128) -> torch.Tensor:
-    """float32 W from its FP8 values and per-block dequantization multipliers (the core's, block row
-    by block row)."""
+    """float32 W from its FP8 values and per-block dequantization multipliers (the core's, a few
+    block rows at a time)."""
     return dequantize_blocks(weight, scale_inv, (block, block))
 
 
@@ -91,7 +91,7 @@ def dequantize_checkpoint(src: str | Path, dst: str | Path, dtype: torch.dtype =
     """Writes ``dst``: every FP8 weight of ``src`` times its block scales, in ``dtype``.
 
     The core's dequantizer (``dsv3_lightning.hf_checkpoint``): scales found through the index in
-    whichever shard, block row by block row; tensors that are not FP8 keep their stored dtype.
+    whichever shard, a few block rows at a time; tensors that are not FP8 keep their stored dtype.
     """
     core_dequantize(src, dst, dtype=dtype)
 

@@ -206,8 +206,8 @@ def load_pretrained(
         expected = {k: v for k, v in expected.items() if k not in absent_in_v2}
 
     def dtype_of(name: str, stored: torch.dtype) -> torch.dtype:
-        # each tensor is converted as it is read (an FP8 one dequantized block row by block row
-        # first), so the process holds the model in ``dtype`` plus one checkpoint tensor, never a
+        # each tensor is converted as it is read (an FP8 one dequantized a few block rows at a
+        # time first), so the process holds the model in ``dtype`` plus one checkpoint tensor, never a
         # second copy of the checkpoint; the selection bias stays float32 whatever the weights' dtype
         if name.endswith("e_score_correction_bias"):
             return torch.float32

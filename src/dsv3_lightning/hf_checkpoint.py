@@ -9,9 +9,9 @@ Block FP8 (DeepSeek's and Kimi's releases): a quantized weight W [out, in] is st
 [ceil(out/b0), ceil(in/b1)], ``quantization_config.weight_block_size`` [b0, b1], 128x128 in the
 releases), real = fp8 * scale_inv block by block, edge blocks cropped. The scale is found through
 ``model.safetensors.index.json`` and may sit in another shard than its weight (the releases split
-them so). ``get`` dequantizes one block row (b0 rows) at a time from a safetensors slice into the
-float32 result, so the extra memory of reading an FP8 tensor is one block row, not a second copy of
-the weight in float32 beside its scale map. The values are those of ``fp8.float() * scale`` on the
+them so). ``get`` dequantizes a few block rows (b0 rows each) at a time from a safetensors slice into the
+float32 result, so the extra memory of reading an FP8 tensor is bounded (``STEP_ELEMENTS``), not a
+second copy of the weight in float32 beside its scale map. The values are those of ``fp8.float() * scale`` on the
 whole tensor, bit for bit. Tensors that are not FP8 come back in the dtype they are stored in
 (the releases' bfloat16 weights, a float32 router or selection bias).
 
@@ -49,12 +49,18 @@ def read_json(path: Path) -> dict[str, Any]:
         raise ValueError(f"{path}: not valid JSON ({err})") from err
 
 
+STEP_ELEMENTS = 2**24
+"""Elements dequantized per step (64 MiB of float32): whole block rows, at least one."""
+
+
 def dequantize_blocks(
     weight: Any, scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128), *, key: str = "weight"
 ) -> torch.Tensor:
-    """float32 ``weight * scale_inv`` block by block, one block row of ``weight`` read at a time.
+    """float32 ``weight * scale_inv`` block by block, a few whole block rows of ``weight`` read at a time.
 
-    ``weight`` is an FP8 tensor or a safetensors slice of one (read lazily, ``weight[i:j]``).
+    ``weight`` is an FP8 tensor or a safetensors slice of one (read lazily, ``weight[i:j]``). Each step
+    reads as many block rows as fit ``STEP_ELEMENTS`` (at least one), so the temporaries are bounded
+    whatever the tensor's size, and few steps keep the per-op overhead low on small CPUs.
     """
     rows, cols = weight.get_shape() if hasattr(weight, "get_shape") else weight.shape
     b0, b1 = block
@@ -65,10 +71,11 @@ def dequantize_blocks(
             f"blocks needs {expected}; quantization_config.weight_block_size does not match the checkpoint"
         )
     out = torch.empty(rows, cols, dtype=torch.float32)
-    scale = scale_inv.float()
-    for i in range(expected[0]):  # one block row: b0 x cols float32 temporaries
-        start, stop = i * b0, min((i + 1) * b0, rows)
-        row_scale = scale[i].repeat_interleave(b1)[:cols]
+    scale = scale_inv.float().repeat_interleave(b1, dim=1)[:, :cols]  # [row blocks, cols]: small
+    per_step = max(1, STEP_ELEMENTS // max(1, b0 * cols))
+    for first in range(0, expected[0], per_step):
+        start, stop = first * b0, min((first + per_step) * b0, rows)
+        row_scale = scale[first : first + per_step].repeat_interleave(b0, dim=0)[: stop - start]
         torch.mul(weight[start:stop].float(), row_scale, out=out[start:stop])
     return out
 

@@ -126,6 +126,16 @@ def test_dequantized_checkpoint_keeps_stored_dtypes(fp8_release, tmp_path):
             assert got.dtype == torch.bfloat16 and torch.equal(got, ref.to(torch.bfloat16)), name
 
 
+@pytest.mark.parametrize("step", [1, 2 * BLOCK * 200, 10**9])  # one block row, two, the whole tensor
+def test_dequantization_in_steps_is_bit_exact(monkeypatch, step):
+    from dsv3_lightning import hf_checkpoint
+
+    monkeypatch.setattr(hf_checkpoint, "STEP_ELEMENTS", step)
+    torch.manual_seed(2)
+    q, scale = quantize(torch.randn(300, 200))  # 3 block rows, the last cropped to 44
+    assert torch.equal(hf_checkpoint.dequantize_blocks(q, scale, (BLOCK, BLOCK)), reference(q, scale))
+
+
 def test_fp8_checkpoint_faults_are_named(fp8_release, tmp_path):
     path, _ = fp8_release
     key = "model.layers.1.self_attn.q_proj.weight"

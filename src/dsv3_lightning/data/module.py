@@ -266,9 +266,10 @@ class DSV3DataModule(L.LightningDataModule):
                 )
         fingerprint = tokenizer_fingerprint(first.tokenizer)
         if given is not None and tokenizer_fingerprint(given) != fingerprint:
+            fix = "drop data.tokenizer_path" if self._checkpoint_tokenizer is None else "resume from another checkpoint"
             raise ValueError(
                 f"{first.path} was prepared with another tokenizer than {source}. Prepare it again with that "
-                f"tokenizer (`dsv3 prepare ... --tokenizer <tokenizer.json>`), or drop data.tokenizer_path."
+                f"tokenizer (`dsv3 prepare ... --tokenizer <tokenizer.json>`), or {fix}."
             )
         if first.vocab_size > self.vocab_size:
             raise ValueError(
