@@ -37,9 +37,9 @@ state, or a file), duplicating the most loaded ones, so that every expert rank g
 tokens; routing is unchanged and so are the results (the same logits within 1e-6 relative). The
 checkpoint loads in the even layout, the experts move to their slots when the evaluation starts and
 back when it ends. ``fit`` with redundant experts is refused (copies of an expert would need their
-gradients summed and identical steps). At the end of every evaluation the per-rank token load (max /
-mean over the expert ranks, per MoE layer) is printed and logged as ``ep/rank_load_max_over_mean``,
-with or without redundant experts.
+gradients summed and identical steps). The per-rank token load (max / mean over the expert ranks, per
+MoE layer, with or without redundant experts) is logged as ``ep/{train,val,test}_rank_load_max_over_mean``:
+in training every ``trainer.log_every_n_steps`` steps, in evaluation at its end (also printed).
 
 Not supported: 16-bit precision with a gradient scaler together with norm clipping ("16-mixed"; use
 "bf16-mixed"), training with redundant experts. Pipeline parallelism with expert parallelism inside it is
@@ -129,12 +129,17 @@ class ExpertParallelStrategy(ParallelStrategy):
         self.places_experts = redundant_experts > 0 or expert_loads is not None
         self.placement: ExpertPlacement | None = None
         """The last evaluation's placement (None before one, or without redundant experts)."""
-        self.rank_load: dict[str, torch.Tensor] = {}
-        """The last evaluation's tokens per expert rank: ``rank_loads_LR`` [MoE layers, R] (summed over
-        data replicas) and ``max_over_mean_L``."""
+        self.rank_load: dict[str, Any] = {}
+        """The last logged tokens per expert rank: ``stage`` ("train", "validation", "test", "predict"),
+        ``rank_loads_LR`` [MoE layers, R] (summed over data replicas) and ``max_over_mean_L``."""
         self._placed: PlacedExperts | None = None
-        self._router_start: list[torch.Tensor] = []
+        self._router_start: torch.Tensor | None = None
         self._loads_LE: torch.Tensor | None = None
+        self._train_start: torch.Tensor | None = None
+        """Router totals at the last training log (None outside fit)."""
+        self._eval_routed: torch.Tensor | int | None = None
+        """Tokens the evaluations inside fit routed since then (not training's)."""
+        self._train_logged_step = -1
 
     @override
     def check_model(self, module: torch.nn.Module) -> None:
@@ -221,12 +226,14 @@ class ExpertParallelStrategy(ParallelStrategy):
             key=f"{KEY}.placement",
         )
 
+    def _router_totals(self) -> torch.Tensor:
+        """[MoE layers, E]: tokens this rank's routers have sent to each expert so far (every forward)."""
+        return torch.stack([shard.moe.gate.tokens_routed_total.detach().cpu() for shard in self._shards])
+
     def _start_evaluation(self) -> None:
         if not self._shards:
             return
-        self._router_start = [
-            shard.moe.gate.tokens_routed_total.detach().cpu().clone() for shard in self._shards
-        ]
+        self._router_start = self._router_totals()
         if not self.places_experts:
             return
         if self.placement is None:
@@ -256,35 +263,68 @@ class ExpertParallelStrategy(ParallelStrategy):
     def _end_evaluation(self, stage: str) -> None:
         if not self._shards:
             return
-        R = self.expert_parallel_size
+        routed_LE = self._router_totals() - self._router_start
+        if self._eval_routed is not None:  # inside fit: not the training interval's tokens
+            self._eval_routed += routed_LE
         if self._placed is not None:
-            slots_LP = torch.stack([d.tokens_per_slot_P.cpu() for d in self._placed.dispatchers()]).double()
+            slots_LP = torch.stack([d.tokens_per_slot_P.cpu() for d in self._placed.dispatchers()])
+            self._placed.restore()
+            self._placed = None
         else:
-            slots_LP = torch.stack(
-                [
-                    shard.moe.gate.tokens_routed_total.detach().cpu() - start
-                    for shard, start in zip(self._shards, self._router_start)
-                ]
-            ).double()
-        total = slots_LP.to(self.root_device)
+            slots_LP = routed_LE  # the even layout: slot = expert
+        self._log_rank_load(stage, slots_LP)
+
+    def _log_rank_load(self, stage: str, slots_LP: torch.Tensor) -> None:
+        """Sums this rank's tokens per slot over the block (collective), then logs and prints the
+        tokens per expert rank's max / mean per MoE layer as ``ep/{stage}_rank_load_max_over_mean``."""
+        R = self.expert_parallel_size
+        total = slots_LP.double().to(self.root_device)
         comm = self.mesh.comm(self.mesh.block_group, "per-rank load logs")
         collective(comm, "rank-load all-reduce", lambda: dist.all_reduce(total, group=comm.group))
         rank_loads_LR = total.cpu().view(len(self._shards), R, -1).sum(-1)
+        if rank_loads_LR.sum() == 0:  # the same on every rank: nothing routed since the last log
+            return
         ratio_L = imbalance(rank_loads_LR)
-        self.rank_load = {"rank_loads_LR": rank_loads_LR, "max_over_mean_L": ratio_L}
-        if self._placed is not None:
-            self._placed.restore()
-            self._placed = None
-        metrics = {"ep/rank_load_max_over_mean": float(ratio_L.mean())}
-        metrics.update({f"ep/rank_load_max_over_mean/moe_{i}": float(v) for i, v in enumerate(ratio_L)})
+        self.rank_load = {"stage": stage, "rank_loads_LR": rank_loads_LR, "max_over_mean_L": ratio_L}
+        name = {"validation": "val"}.get(stage, stage)
+        metrics = {f"ep/{name}_rank_load_max_over_mean": float(ratio_L.mean())}
+        metrics.update({f"ep/{name}_rank_load_max_over_mean/moe_{i}": float(v) for i, v in enumerate(ratio_L)})
         trainer = self.lightning_module.trainer
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
-        rank_zero_info(
-            f"{self.strategy_name}: {stage} tokens per expert rank, max/mean over {R} ranks per MoE layer: "
-            + ", ".join(f"{v:.3f}" for v in ratio_L.tolist())
-            + (" (redundant experts placed)" if self.places_experts else "")
-        )
+        if stage != "train":
+            rank_zero_info(
+                f"{self.strategy_name}: {stage} tokens per expert rank, max/mean over {R} ranks per MoE layer: "
+                + ", ".join(f"{v:.3f}" for v in ratio_L.tolist())
+                + (" (redundant experts placed)" if self.places_experts else "")
+            )
+
+    # ------------------------------------------------------------------ training: per-rank load logs
+    @override
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """Every ``trainer.log_every_n_steps`` optimizer steps: the tokens per expert rank of the
+        training forwards since the last log (evaluations in between left out)."""
+        super().on_train_batch_start(batch, batch_idx)
+        if not self._shards:
+            return
+        trainer = self.lightning_module.trainer
+        step = trainer.global_step
+        if self._train_start is None:
+            self._train_start, self._eval_routed, self._train_logged_step = self._router_totals(), 0, step
+        elif step != self._train_logged_step and step % max(trainer.log_every_n_steps, 1) == 0:
+            self._log_train_interval(step)
+
+    def _log_train_interval(self, step: int) -> None:
+        now = self._router_totals()
+        self._log_rank_load("train", now - self._train_start - self._eval_routed)
+        self._train_start, self._eval_routed, self._train_logged_step = now, 0, step
+
+    @override
+    def on_train_end(self) -> None:
+        if self._shards and self._train_start is not None:
+            self._log_train_interval(self.lightning_module.trainer.global_step)
+        self._train_start = self._eval_routed = None
+        super().on_train_end()
 
     @override
     def on_validation_start(self) -> None:

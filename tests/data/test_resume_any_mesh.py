@@ -1,5 +1,5 @@
 """Resume on another mesh: a run of 2 data-parallel processes (gloo DDP), stopped at step 5 and
-resumed by 1 process with another batch size, trains on exactly the windows of the global stream that
+resumed by 1 process with another batch size (smaller, or larger than what is left of the epoch), trains on exactly the windows of the global stream that
 follow, across the epoch boundary: no window is skipped or repeated."""
 
 from __future__ import annotations
@@ -50,18 +50,22 @@ def test_two_processes_resumed_by_one_continue_the_global_stream(tmp_path: Path)
     _run(str(prepared), str(tmp_path / "ddp"), "--devices", "2", "--batch_size", "2", "--max_steps", "5",
          "--save_at", "5", cwd=tmp_path)  # fmt: skip
     (ckpt,) = (tmp_path / "ddp" / "ckpt").glob("*.ckpt")
-    steps = 5 + 2 * num_windows // 3  # enough to cross the next epoch boundaries at batch 3
-    _run(str(prepared), str(tmp_path / "one"), "--batch_size", "3", "--max_steps", str(steps),
-         "--ckpt_path", str(ckpt), cwd=tmp_path)  # fmt: skip
-
-    before, after = _steps(tmp_path / "ddp"), _steps(tmp_path / "one")
+    before = _steps(tmp_path / "ddp")
     assert sorted(before) == list(range(5)) and all(len(before[s]) == 4 for s in before)
-    assert sorted(after) == list(range(5, steps)) and all(len(after[s]) == 3 for s in after)
-    stream = CorpusOrder(num_windows, seed=3)(np.arange(5 * 4 + (steps - 5) * 3))
-    position = 0
-    for step in range(steps):
-        seen = before[step] if step < 5 else after[step]
-        expected = stream[position : position + len(seen)]
-        assert sorted(windows[w] for w in seen) == sorted(expected.tolist()), f"step {step}"
-        position += len(seen)
-    assert position > 2 * num_windows  # two data epochs and more
+    # Batch 3: the interrupted epoch goes on, then the next ones. Batch 12: the 20 windows consumed are
+    # more than the new epoch's N // 12 batches, so Lightning starts a fresh epoch at once.
+    for batch in (3, 12):
+        steps = 5 + 2 * num_windows // batch  # past two epoch boundaries of the stream
+        out = tmp_path / f"one_batch{batch}"
+        _run(str(prepared), str(out), "--batch_size", str(batch), "--max_steps", str(steps),
+             "--ckpt_path", str(ckpt), cwd=tmp_path)  # fmt: skip
+        after = _steps(out)
+        assert sorted(after) == list(range(5, steps)) and all(len(after[s]) == batch for s in after)
+        stream = CorpusOrder(num_windows, seed=3)(np.arange(5 * 4 + (steps - 5) * batch))
+        position = 0
+        for step in range(steps):
+            seen = before[step] if step < 5 else after[step]
+            expected = stream[position : position + len(seen)]
+            assert sorted(windows[w] for w in seen) == sorted(expected.tolist()), f"batch {batch}, step {step}"
+            position += len(seen)
+        assert position >= 2 * num_windows  # two data epochs and more

@@ -63,6 +63,21 @@ def data_replicas(trainer: L.Trainer | None) -> tuple[int, int]:
     return kwargs["num_replicas"], kwargs["rank"]
 
 
+class ResumableLoader(DataLoader):
+    """The training DataLoader, marked resumable for Lightning.
+
+    The stream position lives in the data module's checkpoint state (``state_dict`` below), so these
+    two methods carry nothing; their presence tells Lightning that a mid-epoch resume continues where
+    it stopped (it warns about "not resumable" dataloaders otherwise).
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        pass
+
+
 class DSV3DataModule(L.LightningDataModule):
     """Packed next-token windows from prepared token shards (see the module docstring).
 
@@ -345,7 +360,7 @@ class DSV3DataModule(L.LightningDataModule):
             self._order(), num_windows=len(dataset), num_replicas=replicas, rank=rank,
             batch_size=self.batch_size, resume=resume,
         )  # fmt: skip
-        return DataLoader(
+        return ResumableLoader(
             dataset,
             batch_size=self.batch_size,
             sampler=self._sampler,
