@@ -288,7 +288,9 @@ class ExpertParallelStrategy(ParallelStrategy):
         self.rank_load = {"stage": stage, "rank_loads_LR": rank_loads_LR, "max_over_mean_L": ratio_L}
         name = {"validation": "val"}.get(stage, stage)
         metrics = {f"ep/{name}_rank_load_max_over_mean": float(ratio_L.mean())}
-        metrics.update({f"ep/{name}_rank_load_max_over_mean/moe_{i}": float(v) for i, v in enumerate(ratio_L)})
+        metrics.update(
+            {f"ep/{name}_rank_load_max_over_mean/moe_{i}": float(v) for i, v in enumerate(ratio_L)}
+        )
         trainer = self.lightning_module.trainer
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
