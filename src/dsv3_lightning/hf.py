@@ -47,9 +47,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
-_CheckpointReader = CheckpointReader  # the name model/materialize.py and older callers use
-_read_json = read_json
-state_dict_to_hf = unstack
+state_dict_to_hf = unstack  # the name benchmarks and older callers use
 
 
 @dataclass

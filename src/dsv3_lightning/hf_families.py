@@ -108,8 +108,9 @@ def text_config(hf: Mapping[str, Any], *, source: str) -> tuple[str, Mapping[str
 
 def config_from_hf(hf: Mapping[str, Any], *, source: str = "config.json") -> ModelConfig:
     """Our config from the ``config.json`` mapping of any supported family (the module table)."""
+    outer = hf.get("model_type")
     family, hf = text_config(hf, source=source)
-    where = f"{source}" + (" text_config" if family != hf.get("model_type", family) else "")
+    where = f"{source} ({outer} text_config)" if outer != family else source
     for key, expected in _REQUIRED_HF_VALUES.items():
         if key in hf and hf[key] is not None and hf[key] != expected:
             raise ValueError(f"{where}: {key} = {hf[key]!r} is not supported (only {expected!r})")
