@@ -251,3 +251,58 @@ def test_config_values_of_the_family_are_validated():
         ModelConfig(**SHAPE, rope_scaling=dict(factor=4.0, beta_fast=1.0, beta_slow=2.0))
     kimi = ModelConfig(**SHAPE, rope_scaling=dict(factor=4.0, original_max_position_embeddings=32, beta_fast=1.0, beta_slow=1.0))
     assert kimi.rope_scaling.beta_fast == kimi.rope_scaling.beta_slow  # Kimi-K2's values are accepted
+
+
+# Kimi-K2-Instruct's config.json (the fields that shape the model; its auto_map and token ids are
+# carried along untouched): the legacy rope form, YaRN with beta_fast == beta_slow, 384 experts in one group
+KIMI_K2_RELEASE = {
+    "architectures": ["DeepseekV3ForCausalLM"], "model_type": "kimi_k2", "auto_map": {"AutoConfig": "configuration_deepseek.DeepseekV3Config"},
+    "bos_token_id": 163584, "eos_token_id": 163585, "first_k_dense_replace": 1, "hidden_act": "silu", "hidden_size": 7168,
+    "initializer_range": 0.02, "intermediate_size": 18432, "kv_lora_rank": 512, "max_position_embeddings": 131072,
+    "moe_intermediate_size": 2048, "moe_layer_freq": 1, "n_group": 1, "n_routed_experts": 384, "n_shared_experts": 1,
+    "norm_topk_prob": True, "num_attention_heads": 64, "num_experts_per_tok": 8, "num_hidden_layers": 61,
+    "num_key_value_heads": 64, "num_nextn_predict_layers": 0, "q_lora_rank": 1536, "qk_nope_head_dim": 128,
+    "qk_rope_head_dim": 64, "rms_norm_eps": 1e-06, "rope_theta": 50000.0, "routed_scaling_factor": 2.827,
+    "rope_scaling": {"beta_fast": 1.0, "beta_slow": 1.0, "factor": 32.0, "mscale": 1.0, "mscale_all_dim": 1.0,
+                     "original_max_position_embeddings": 4096, "type": "yarn"},
+    "scoring_func": "sigmoid", "tie_word_embeddings": False, "topk_group": 1, "topk_method": "noaux_tc",
+    "torch_dtype": "bfloat16", "v_head_dim": 128, "vocab_size": 163840,
+    "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]},
+}  # fmt: skip
+
+
+def full_size_configs() -> dict[str, dict]:
+    """Each family's full-size config.json: transformers' own defaults (its classes document the
+    released models' shapes), and Kimi-K2's release (not a transformers class)."""
+    transformers = pytest.importorskip("transformers")
+    k25 = transformers.Kimi_K25Config(text_config=dict(KIMI_K2_RELEASE, quantization_config=None), tie_word_embeddings=False)
+    saved = dict(dtype="bfloat16")  # what save_pretrained adds to a config (to_dict leaves them None)
+    return {
+        "deepseek_v3": {**transformers.DeepseekV3Config().to_dict(), **saved, "architectures": ["DeepseekV3ForCausalLM"]},
+        "deepseek_v2": {**transformers.DeepseekV2Config(n_routed_experts=64, num_experts_per_tok=6).to_dict(), **saved,
+                        "architectures": ["DeepseekV2ForCausalLM"]},
+        "glm4_moe_lite": {**transformers.Glm4MoeLiteConfig().to_dict(), **saved, "architectures": ["Glm4MoeLiteForCausalLM"]},
+        "kimi_k2": json.loads(json.dumps(KIMI_K2_RELEASE)),
+        "kimi_k25": k25.to_dict(),
+    }  # fmt: skip
+
+
+def test_full_size_configs_read_and_write_back_unchanged():
+    configs = full_size_configs()
+    read = {family: config_from_hf(hf, source=family) for family, hf in configs.items()}
+    v3, k2, glm = read["deepseek_v3"], read["kimi_k2"], read["glm4_moe_lite"]
+    assert (v3.n_group, v3.topk_group, v3.first_k_dense_replace, v3.routed_scaling_factor) == (8, 4, 3, 2.5)
+    assert (k2.n_routed_experts, k2.n_group, k2.routed_scaling_factor, k2.rope_theta) == (384, 1, 2.827, 50000.0)
+    assert (k2.rope_scaling.factor, k2.rope_scaling.beta_fast, k2.rope_scaling.beta_slow) == (32.0, 1.0, 1.0)
+    assert (glm.v_head_dim, glm.qk_nope_head_dim, glm.first_k_dense_replace, glm.rms_norm_eps) == (256, 192, 1, 1e-5)
+    assert read["deepseek_v2"].scoring_func == "softmax" and read["deepseek_v2"].n_group == 1  # greedy
+    assert read["kimi_k25"].n_routed_experts == 384  # its text_config
+    for family in ("deepseek_v3", "deepseek_v2", "glm4_moe_lite", "kimi_k2"):
+        hf = configs[family]
+        dtype = getattr(torch, hf.get("torch_dtype") or hf.get("dtype") or "float32")
+        back = config_to_hf(read[family], dtype=dtype, family=family, base=hf)
+        expected = {k: v for k, v in hf.items() if k != "quantization_config"}  # written dequantized
+        assert back == expected, family
+    changed = config_to_hf(k2.replace(routed_scaling_factor=3.0), dtype=torch.bfloat16, family="kimi_k2", base=configs["kimi_k2"])
+    assert changed["routed_scaling_factor"] == 3.0 and "rope_parameters" not in changed  # the source's legacy form kept
+    assert config_from_hf(changed) == k2.replace(routed_scaling_factor=3.0)
