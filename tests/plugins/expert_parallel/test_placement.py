@@ -256,3 +256,18 @@ def test_pure_function_errors():
         place_experts(load, 12, 4, num_nodes=4, num_groups=4)
     with pytest.raises(ValueError, match="finite and non-negative"):
         place_experts(-load, 8, 2)
+
+
+def test_placement_function_is_named_by_its_dotted_path_in_yaml():
+    """The swap point as the CLI reads it: ``trainer.strategy.init_args.placement: <dotted path>``."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_class_arguments(ExpertParallelStrategy, "strategy")
+    config = parser.parse_args([
+        "--strategy.expert_parallel_size=2",
+        "--strategy.redundant_experts=2",
+        "--strategy.placement=dsv3_lightning.plugins.expert_parallel.placement.place_experts",
+    ])
+    strategy = parser.instantiate_classes(config).strategy
+    assert strategy.placement_fn is place_experts and strategy.redundant_experts == 2
