@@ -22,7 +22,8 @@ for evaluation it switches every MoE layer to a placement (placement.py) and bac
 
 Not supported: training with redundant experts (the copies of an expert would need their gradients
 summed and their optimizer steps kept identical; the strategy refuses ``fit``), placement recomputed
-during a run (DeepSeek re-places every few minutes of serving; here once per evaluation).
+during a run (DeepSeek re-places every few minutes of serving; here once per strategy, at its first
+evaluation, from the recorded loads).
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ class ReplicaTokenDispatcher:
 
     Args:
         inner: A dispatcher over P physical experts (``ParallelStrategy.make_dispatcher(name, P)``).
-        placement: This layer's row of the placement: ``logical_to_physical`` [E, X], ``replica_counts`` [E].
+        logical_to_physical_EX, replica_counts_E: This layer's rows of the placement (the slots of each
+            logical expert, -1 padded, and how many).
         rotation: Where this rank starts on each expert's replicas (its replica index).
     """
 
