@@ -130,3 +130,15 @@ def test_mixture_keeps_its_weights_and_each_corpus_its_own_epochs() -> None:
     # Interleaved, not in runs: the first corpus's share of every 64 positions stays near 0.3.
     runs = from_first[: 64 * 64].reshape(64, 64).mean(axis=1)
     assert 0.1 < runs.min() and runs.max() < 0.5
+
+
+def test_evaluation_sampler_is_lightnings_padded_round_robin_without_the_list() -> None:
+    from torch.utils.data import DistributedSampler
+
+    from dsv3_lightning.data.sampling import EvaluationSampler
+
+    for n, replicas in [(10, 3), (7, 7), (5, 8), (100, 4)]:
+        for rank in range(replicas):
+            ours = list(EvaluationSampler(n, num_replicas=replicas, rank=rank))
+            torch_s = DistributedSampler(range(n), num_replicas=replicas, rank=rank, shuffle=False)
+            assert ours == list(torch_s) and len(ours) == len(torch_s)

@@ -39,7 +39,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from typing_extensions import override
 
 from dsv3_lightning.data.prepare import PrepareSettings, prepare_corpus, signature, signature_key
-from dsv3_lightning.data.sampling import CorpusOrder, GlobalOrderSampler, MixtureOrder
+from dsv3_lightning.data.sampling import CorpusOrder, EvaluationSampler, GlobalOrderSampler, MixtureOrder
 from dsv3_lightning.data.sources import SourceFile, describe_data_path, list_sources
 from dsv3_lightning.data.store import PreparedCorpus, TokenWindows, is_prepared, open_prepared
 from dsv3_lightning.tokenizer import eos_token_id, load_tokenizer, tokenizer_fingerprint, tokenizer_from_str
@@ -389,10 +389,12 @@ class DSV3DataModule(L.LightningDataModule):
 
     @override
     def val_dataloader(self) -> DataLoader:
+        replicas, rank = data_replicas(self.trainer)
+        dataset = self.val_dataset
         return DataLoader(
-            self.val_dataset,
+            dataset,
             batch_size=self.batch_size,
-            shuffle=False,
+            sampler=EvaluationSampler(len(dataset), num_replicas=replicas, rank=rank),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )

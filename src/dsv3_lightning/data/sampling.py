@@ -232,3 +232,28 @@ class GlobalOrderSampler(DistributedSampler):
     def __iter__(self) -> Iterator[int]:
         for positions in self.positions(self.epoch):
             yield from self.order(positions).tolist()
+
+
+class EvaluationSampler(DistributedSampler):
+    """Validation windows in order, dealt round-robin to the replicas, computed rather than listed.
+
+    What Lightning's ``DistributedSampler(shuffle=False)`` yields (replica ``r`` reads windows ``r, r + R,
+    ...``; the last round is padded with the first windows so that every replica runs as many batches,
+    which its collectives need), without the list of every window index it builds on each rank.
+    """
+
+    def __init__(self, num_windows: int, *, num_replicas: int, rank: int) -> None:
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is not one of {num_replicas} replicas")
+        self.num_windows = num_windows
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.num_samples = -(-num_windows // num_replicas)
+        self.epoch, self.seed, self.shuffle, self.drop_last = 0, 0, False, False
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self) -> Iterator[int]:
+        for i in range(self.num_samples):
+            yield (self.rank + i * self.num_replicas) % self.num_windows
