@@ -144,16 +144,8 @@ def measure(checkpoint: Path, config: str, limit: int) -> None:
     print(f"## Measured with dsv3 validate on gloo ({config}, {limit} validation batches)\n")
     print(row("EP ranks R", "extra slots S", "placement", "rank max/mean per MoE layer", "mean", "val/loss"))
     print(row(*["---"] * 6))
-    for R, S, placed in (
-        (2, 0, False),
-        (2, 0, True),
-        (2, 2, True),
-        (2, 8, True),
-        (4, 0, False),
-        (4, 0, True),
-        (4, 4, True),
-        (4, 16, True),
-    ):
+    cases = [(R, 0, False) for R in (2, 4)] + [(R, R * k, True) for R in (2, 4) for k in range(5)]
+    for R, S, placed in sorted(cases, key=lambda c: (c[0], c[2], c[1])):
         command = [
             sys.executable,
             "-m",
