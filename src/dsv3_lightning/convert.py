@@ -165,8 +165,9 @@ def convert(
     """Convert between a Lightning checkpoint and a Hugging Face directory (the direction from SRC).
 
     Args:
-        src: A .ckpt or a sharded checkpoint directory from dsv3 fit, or a Hugging Face DeepSeek-V3
-            directory (FP8 or not).
+        src: A .ckpt or a sharded checkpoint directory from dsv3 fit, or a Hugging Face directory of
+            the family (deepseek_v3, deepseek_v2, kimi_k2, kimi_k25's text model, glm4_moe_lite; block
+            FP8 or not).
         dst: The Hugging Face directory to write (from a .ckpt or an FP8 directory), or the .ckpt to
             write (from a Hugging Face directory).
         max_shard_size: Bytes per safetensors shard when writing a Hugging Face directory.
