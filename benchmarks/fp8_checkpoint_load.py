@@ -85,7 +85,7 @@ def write_checkpoint(path: Path, layers: int, shard_bytes: int) -> dict:
     weight_map, size, total, params = {}, 0, 0, 0
 
     def flush() -> None:
-        name = f"model-{len(weight_map and set(weight_map.values())) + 1:05d}.safetensors"
+        name = f"model-{len(set(weight_map.values())) + 1:05d}.safetensors"  # renamed -of-N at the end
         save_file(shards[-1], str(path / name), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(shards[-1], name))
         shards[-1] = dict(pending_scales)  # the previous shard's scales open the next one
