@@ -13,7 +13,7 @@
    Tokens/s is all tokens over the whole command's wall time (listing, tokenizing, sharding).
 4. **Sampler memory.** tracemalloc's peak while making ``GlobalOrderSampler`` and drawing 100 batches of
    16 at 10^6 and 10^9 windows, against torch's ``DistributedSampler`` (which lists a permutation) at
-   10^6 and 10^7 windows (10^9 would need about 36 GB).
+   10^6 and 10^7 windows (10^9 would need about 48 GB).
 5. **Fit start.** ``dsv3 fit --config configs/tiny.yaml --data.data_path DIR --trainer.max_steps 1``
    on the prepared corpus: the whole process's wall time to the end of its first step (start-up,
    imports, model, data setup, one step of 8 x 256 tokens); nothing is tokenized.

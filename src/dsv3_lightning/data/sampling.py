@@ -12,7 +12,7 @@ through its own epochs at its own pace. Nothing here depends on the number of pr
 value at any position costs a few integer operations, so the sampler holds a few keys, never a list of
 ``N`` indices (:class:`FeistelPermutation`; ``benchmarks/data_at_scale.py`` measures its memory at
 ``10^6`` and ``10^9`` windows). A torch ``DistributedSampler`` materialises ``randperm(N)`` and a Python
-list of it on every rank each epoch: about 36 bytes a window, over 100 GB at V3's 3.6 B windows.
+list of it on every rank each epoch: 48 bytes a window measured, over 170 GB at V3's 3.6 B windows.
 
 **Dealing.** A training step consumes the next ``G = batch_size x replicas`` positions of the stream;
 replica ``r`` takes positions ``base + j * replicas + r`` (``j < batch_size``), so the windows of one
