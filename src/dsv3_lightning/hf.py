@@ -35,7 +35,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from dsv3_lightning.config import ModelConfig
-from dsv3_lightning.hf_checkpoint import CONFIG_NAME, INDEX_FILE, SINGLE_FILE, CheckpointReader, read_json
+from dsv3_lightning.hf_checkpoint import (
+    CONFIG_NAME,
+    INDEX_FILE,
+    SINGLE_FILE,
+    CheckpointReader,
+    new_file_mode,
+    read_json,
+)
 from dsv3_lightning.hf_experts import PER_EXPERT_KEY, expert_keys, stack_expert, stacked_leaf, unstack
 from dsv3_lightning.hf_families import (
     SUPPORTED_MODEL_TYPES, config_from_hf, config_to_hf, default_family, dumps, text_config,
@@ -299,22 +306,6 @@ def save_pretrained(
     if extra_layers and hf_config.get("num_nextn_predict_layers") != len(extra_layers):
         hf_config["num_nextn_predict_layers"] = len(extra_layers)
     _atomic(path / CONFIG_NAME, lambda tmp: tmp.write_text(dumps(hf_config)))
-
-
-def new_file_mode() -> int:
-    """The mode ``open()`` gives a new file, ``0o666 & ~umask``: the mode every written file gets.
-
-    Writers that go through a temporary file of their own (safetensors' ``save_file`` does) leave
-    0600, which a shared model directory beside 0644 files must not have. The umask is read from
-    /proc where Linux offers it: ``os.umask``, the portable way, sets it process-wide for a moment.
-    """
-    try:
-        status = Path("/proc/self/status").read_text()
-        umask = int(next(line.split()[1] for line in status.splitlines() if line.startswith("Umask:")), 8)
-    except (OSError, StopIteration):
-        umask = os.umask(0)
-        os.umask(umask)
-    return 0o666 & ~umask
 
 
 def _atomic(target: Path, write) -> None:

@@ -175,7 +175,6 @@ def dequantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype:
     """
     from safetensors.torch import save_file
 
-    from dsv3_lightning.hf import new_file_mode
 
     src, dst = Path(src), Path(dst)
     reader = CheckpointReader(src, raw=True)
@@ -210,3 +209,19 @@ def dequantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype:
 
 
 __all__ = ["CheckpointReader", "dequantize_blocks", "dequantize_checkpoint"]
+
+
+def new_file_mode() -> int:
+    """The mode ``open()`` gives a new file, ``0o666 & ~umask``: the mode every written file gets.
+
+    Writers that go through a temporary file of their own (safetensors' ``save_file`` does) leave
+    0600, which a shared model directory beside 0644 files must not have. The umask is read from
+    /proc where Linux offers it: ``os.umask``, the portable way, sets it process-wide for a moment.
+    """
+    try:
+        status = Path("/proc/self/status").read_text()
+        umask = int(next(line.split()[1] for line in status.splitlines() if line.startswith("Umask:")), 8)
+    except (OSError, StopIteration):
+        umask = os.umask(0)
+        os.umask(umask)
+    return 0o666 & ~umask
