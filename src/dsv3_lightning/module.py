@@ -48,6 +48,7 @@ from dsv3_lightning.model.materialize import HFCheckpointSource, has_meta_tensor
 from dsv3_lightning.model.router import Router
 from dsv3_lightning.model.router_losses import RouterLoss, RouterLosses
 from dsv3_lightning.model.transformer import DecoderLayer
+from dsv3_lightning.trainable import Trainable
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,8 @@ class DSV3LightningModule(L.LightningModule):
         compile_blocks: ``torch.compile`` every decoder block's attention block and a dense layer's
             MLP block, norms included (a MoE layer's MLP block stays eager; ``DecoderLayer.compile_blocks``). The first steps then take
             longer (compilation); see docs/training_speed.md for what it gains.
+        trainable: What trains: ``freeze`` / ``train`` patterns of parameter names and the routed
+            experts' ``expert_lr_scale`` (fine-tuning; ``dsv3_lightning.trainable``).
     """
 
     def __init__(
@@ -104,6 +107,7 @@ class DSV3LightningModule(L.LightningModule):
         recompute_activations: bool = False,
         compile_blocks: bool = False,
         nonfinite: NonFiniteGuard = NonFiniteGuard(),  # noqa: B008  (copied below: each module its own)
+        trainable: Trainable = Trainable(),  # noqa: B008  (copied below)
     ) -> None:
         super().__init__()
         if learning_rate <= 0:
@@ -116,11 +120,15 @@ class DSV3LightningModule(L.LightningModule):
             config = ModelConfig.from_dict(config, source="model.config")
         if isinstance(nonfinite, dict):
             nonfinite = NonFiniteGuard(**nonfinite)
+        if isinstance(trainable, dict):
+            trainable = Trainable(**trainable)
         heads = [build_head(h) for h in heads or []]
         self.save_hyperparameters(ignore=["heads"])
         self.hparams["heads"] = [head_spec(h) for h in heads]  # so that checkpoints rebuild them
         self.nonfinite = dataclasses.replace(nonfinite)  # a fresh guard: its counters are this run's
         self.hparams["nonfinite"] = self.nonfinite.options()
+        self.trainable = dataclasses.replace(trainable)
+        self.hparams["trainable"] = self.trainable.options()
         self.config = config
         on_meta = _BUILD_ON_META.get() or torch.get_default_device().type == "meta"
         with torch.device("meta") if on_meta else nullcontext():
@@ -145,6 +153,8 @@ class DSV3LightningModule(L.LightningModule):
         with torch.device("cpu"):  # never on meta: a metric's defaults are no module tensors to materialise
             self.val_loss = torchmetrics.MeanMetric()
             self.val_accuracy = torchmetrics.MeanMetric()
+        self.trainable_parameters = self.trainable.check(self)
+        """(trainable, total) parameters of the whole module under ``model.trainable``."""
         self.num_parameters = total, activated = self.model.num_parameters()
         """(total, activated per token) of the whole model, counted at construction: a strategy may later
         keep only a share of it on this process."""
@@ -302,6 +312,7 @@ class DSV3LightningModule(L.LightningModule):
         if has_meta_tensors(self):
             trainer = self._trainer
             self.materialize(trainer.strategy.root_device if trainer else torch.get_default_device())
+        self.trainable.apply(self)  # on the values this process holds (materialising made new Parameters)
 
     def materialize(self, device: torch.device | str) -> None:
         """Allocates the model's and the heads' meta tensors on ``device`` and fills them: from
@@ -345,6 +356,14 @@ class DSV3LightningModule(L.LightningModule):
 
     # ------------------------------------------------------------------ hooks
     def on_fit_start(self) -> None:
+        trainable, total = self.trainable_parameters
+        if trainable != total:
+            rank_zero_info(
+                f"model.trainable: {trainable:,} of {total:,} parameters train ({trainable / total:.1%}), "
+                f"{total - trainable:,} frozen"
+            )
+        for logger in self.loggers:
+            logger.log_hyperparams({"trainable_parameters": trainable, "total_parameters": total})
         datamodule = getattr(self.trainer, "datamodule", None)
         vocab = getattr(datamodule, "vocab_size", None)
         if vocab is not None and vocab > self.config.vocab_size:
@@ -383,13 +402,20 @@ class DSV3LightningModule(L.LightningModule):
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
         hp = self.hparams
-        decay, no_decay = [], []
+        decay, no_decay, experts = [], [], []
         for name, param in self.named_parameters():
             if not param.requires_grad:
                 continue
-            (no_decay if param.dim() < 2 or "embed_tokens" in name else decay).append(param)
+            if self.trainable.expert_lr_scale != 1 and self.trainable.is_routed_expert(name):
+                experts.append(param)  # stacked [E, out, in] matrices: decayed
+            else:
+                (no_decay if param.dim() < 2 or "embed_tokens" in name else decay).append(param)
+        groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if experts:
+            lr = hp.learning_rate * self.trainable.expert_lr_scale
+            groups.append({"params": experts, "weight_decay": hp.weight_decay, "lr": lr})
         optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            groups,
             lr=hp.learning_rate,
             betas=tuple(hp.betas),
             fused=True,  # one kernel over all parameters: 5-8x faster than foreach on CPU for MoE models
