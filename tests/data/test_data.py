@@ -499,3 +499,5 @@ def test_cli_parses_the_signature() -> None:
     cfg = parser.parse_args(["--data.seq_len=32", "--data.data_path=corpus.txt"])
     assert cfg.data.seq_len == 32 and cfg.data.data_path == "corpus.txt" and cfg.data.vocab_size == 4096
     assert "multi-token" in parser.format_help()
+    cfg = parser.parse_args(["--data.mixture", '{"prepared/code": 0.3, "prepared/text": 0.7}'])
+    assert cfg.data.mixture == {"prepared/code": 0.3, "prepared/text": 0.7} and cfg.data.data_path is None
