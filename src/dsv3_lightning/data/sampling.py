@@ -79,6 +79,32 @@ class FeistelPermutation:
         return x.astype(np.int64)
 
 
+class KeyedPermutations:
+    """``FeistelPermutation(n, *prefix, key)`` by key, keeping the few in flight (one or two epochs or
+    blocks at a time) instead of rebuilding one for every batch."""
+
+    def __init__(self, n: int, *prefix: int) -> None:
+        self.n = n
+        self.prefix = prefix
+        self._made: dict[int, FeistelPermutation] = {}
+
+    def __call__(self, key: int) -> FeistelPermutation:
+        if key not in self._made:
+            if len(self._made) > 4:
+                self._made.clear()
+            self._made[key] = FeistelPermutation(self.n, *self.prefix, key)
+        return self._made[key]
+
+
+def by_group(keys: np.ndarray, values: np.ndarray, fn) -> np.ndarray:
+    """``fn(key, values[keys == key])`` for each distinct key, each result put back in its places."""
+    out = np.empty_like(values)
+    for key in np.unique(keys).tolist():
+        where = keys == key
+        out[where] = fn(key, values[where])
+    return out
+
+
 class CorpusOrder:
     """Stream position -> window of one corpus: data epoch ``p // n``, permuted by ``(seed, corpus, epoch)``."""
 
@@ -86,23 +112,11 @@ class CorpusOrder:
         self.num_windows = num_windows
         self.seed = seed
         self.corpus = corpus
-        self._perms: dict[int, FeistelPermutation] = {}  # the epochs in flight: one or two at a time
-
-    def _perm(self, epoch: int) -> FeistelPermutation:
-        if epoch not in self._perms:
-            if len(self._perms) > 4:
-                self._perms.clear()
-            self._perms[epoch] = FeistelPermutation(self.num_windows, self.seed, self.corpus, epoch)
-        return self._perms[epoch]
+        self._perms = KeyedPermutations(num_windows, seed, corpus)  # by data epoch
 
     def __call__(self, positions: np.ndarray) -> np.ndarray:
-        positions = np.asarray(positions, dtype=np.int64)
-        epochs, offsets = np.divmod(positions, self.num_windows)
-        out = np.empty_like(positions)
-        for epoch in np.unique(epochs).tolist():
-            where = epochs == epoch
-            out[where] = self._perm(epoch)(offsets[where])
-        return out
+        epochs, offsets = np.divmod(np.asarray(positions, dtype=np.int64), self.num_windows)
+        return by_group(epochs, offsets, lambda epoch, x: self._perms(epoch)(x))
 
 
 def apportion(weights: Sequence[float], total: int) -> np.ndarray:
@@ -132,29 +146,14 @@ class MixtureOrder:
         self.offsets = np.concatenate([[0], np.cumsum(num_windows)[:-1]]).astype(np.int64)
         self.corpora = [CorpusOrder(n, seed, corpus=c + 1) for c, n in enumerate(num_windows)]
         self.seed = seed
-        self._blocks: dict[int, FeistelPermutation] = {}
-
-    def _block(self, block: int) -> FeistelPermutation:
-        if block not in self._blocks:
-            if len(self._blocks) > 4:
-                self._blocks.clear()
-            self._blocks[block] = FeistelPermutation(MIX_BLOCK, self.seed, 0, block)
-        return self._blocks[block]
+        self._blocks = KeyedPermutations(MIX_BLOCK, seed, 0)  # by block
 
     def __call__(self, positions: np.ndarray) -> np.ndarray:
-        positions = np.asarray(positions, dtype=np.int64)
-        blocks, offsets = np.divmod(positions, MIX_BLOCK)
-        slots = np.empty_like(positions)
-        for block in np.unique(blocks).tolist():
-            where = blocks == block
-            slots[where] = self._block(block)(offsets[where])
+        blocks, offsets = np.divmod(np.asarray(positions, dtype=np.int64), MIX_BLOCK)
+        slots = by_group(blocks, offsets, lambda block, x: self._blocks(block)(x))
         corpus = np.searchsorted(self.starts, slots, side="right") - 1
         local = blocks * self.shares[corpus] + slots - self.starts[corpus]
-        out = np.empty_like(positions)
-        for c in np.unique(corpus).tolist():
-            where = corpus == c
-            out[where] = self.offsets[c] + self.corpora[c](local[where])
-        return out
+        return by_group(corpus, local, lambda c, q: self.offsets[c] + self.corpora[c](q))
 
 
 class GlobalOrderSampler(DistributedSampler):
