@@ -26,6 +26,7 @@ What each Lightning hook does:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -141,7 +142,7 @@ class DSV3DataModule(L.LightningDataModule):
             )
         self._settings = PrepareSettings(  # validates val_fraction
             data_path=data_path, max_corpus_bytes=max_corpus_bytes, val_fraction=val_fraction, seed=seed,
-            vocab_size=max(vocab_size, 1),
+            vocab_size=vocab_size,
         )  # fmt: skip
         self.corpora, self.weights = self._corpora(data_path, mixture)
         self.data_path = data_path
@@ -249,7 +250,7 @@ class DSV3DataModule(L.LightningDataModule):
         """A corpus's token store: opened when prepared, else prepared into the cache first."""
         if data_path is not None and is_prepared(data_path):
             return open_prepared(data_path)
-        settings = PrepareSettings(**{**self._settings.__dict__, "data_path": data_path})
+        settings = dataclasses.replace(self._settings, data_path=data_path)
         sources = self._sources(data_path)
         key = signature_key(signature(settings, sources, given))
         output = self._cache_root() / "prepared" / key
@@ -263,14 +264,19 @@ class DSV3DataModule(L.LightningDataModule):
             prepare_corpus(settings, output, workers=self.prepare_workers, tokenizer=given, sources=sources)
         return open_prepared(output)
 
+    def _check_vocabulary(self, source: str, size: int, fix: str) -> None:
+        """Refuse a tokenizer with more ids than the model's embedding (``data.vocab_size``)."""
+        if size > self.vocab_size:
+            raise ValueError(
+                f"{source} has {size} tokens, more than data.vocab_size ({self.vocab_size}), the size of the "
+                f"model's embedding. {fix}"
+            )
+
     def _prepare(self) -> list[PreparedCorpus]:
         given, source = self._given_tokenizer()
-        if given is not None and given.get_vocab_size() > self.vocab_size:
-            raise ValueError(
-                f"{source} has {given.get_vocab_size()} tokens, more than data.vocab_size ({self.vocab_size}), "
-                f"the size of the model's embedding. Raise data.vocab_size to at least {given.get_vocab_size()}, "
-                "or use a smaller tokenizer."
-            )
+        if given is not None:
+            size = given.get_vocab_size()
+            self._check_vocabulary(source, size, f"Raise data.vocab_size to at least {size}, or use a smaller tokenizer.")
         prepared = [self._open(path, given) for path in self.corpora]
         first = prepared[0]
         for other in prepared[1:]:
@@ -286,12 +292,10 @@ class DSV3DataModule(L.LightningDataModule):
                 f"{first.path} was prepared with another tokenizer than {source}. Prepare it again with that "
                 f"tokenizer (`dsv3 prepare ... --tokenizer <tokenizer.json>`), or {fix}."
             )
-        if first.vocab_size > self.vocab_size:
-            raise ValueError(
-                f"{first.path / 'tokenizer.json'} has {first.vocab_size} tokens, more than data.vocab_size "
-                f"({self.vocab_size}), the size of the model's embedding. Raise data.vocab_size to at least "
-                f"{first.vocab_size}, or use a corpus prepared with a smaller tokenizer."
-            )
+        self._check_vocabulary(
+            str(first.path / "tokenizer.json"), first.vocab_size,
+            f"Raise data.vocab_size to at least {first.vocab_size}, or use a corpus prepared with a smaller tokenizer.",
+        )  # fmt: skip
         eos_token_id(first.tokenizer, source=str(first.path / "tokenizer.json"))
         return prepared
 
@@ -354,7 +358,7 @@ class DSV3DataModule(L.LightningDataModule):
         resume = None
         position = self._resume_position
         if position is not None:
-            resume = self._resume_from(position, num_windows=len(dataset))
+            resume = self._resume_from(position)
             self._resume_position = None
         self._sampler = GlobalOrderSampler(
             self._order(), num_windows=len(dataset), num_replicas=replicas, rank=rank,
@@ -369,7 +373,7 @@ class DSV3DataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0,
         )
 
-    def _resume_from(self, position: dict[str, Any], *, num_windows: int) -> tuple[int, int, int] | None:
+    def _resume_from(self, position: dict[str, Any]) -> tuple[int, int, int] | None:
         """``(epoch, samples_done, batches_done)`` for the sampler, from a checkpoint's position."""
         if position.get("format") != _POSITION_FORMAT:
             logger.warning(
@@ -440,12 +444,10 @@ class DSV3DataModule(L.LightningDataModule):
         if "tokenizer_json" not in state_dict:
             return
         tokenizer = tokenizer_from_str(state_dict["tokenizer_json"], source="the checkpoint's tokenizer")
-        if tokenizer.get_vocab_size() > self.vocab_size:
-            raise ValueError(
-                f"the checkpoint's tokenizer has {tokenizer.get_vocab_size()} tokens, more than "
-                f"data.vocab_size ({self.vocab_size}). Set data.vocab_size to the checkpoint's "
-                f"({state_dict.get('vocab_size')})."
-            )
+        self._check_vocabulary(
+            "the checkpoint's tokenizer", tokenizer.get_vocab_size(),
+            f"Set data.vocab_size to the checkpoint's ({state_dict.get('vocab_size')}).",
+        )  # fmt: skip
         current = self._tokenizer
         if current is not None and tokenizer_fingerprint(current) == tokenizer_fingerprint(tokenizer):
             return
