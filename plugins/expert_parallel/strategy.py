@@ -228,7 +228,7 @@ class ExpertParallelStrategy(ParallelStrategy):
 
     def _router_totals(self) -> torch.Tensor:
         """[MoE layers, E]: tokens this rank's routers have sent to each expert so far (every forward)."""
-        return torch.stack([shard.moe.gate.tokens_routed_total.detach().cpu() for shard in self._shards])
+        return torch.stack([shard.moe.gate.tokens_routed_total.detach() for shard in self._shards])
 
     def _start_evaluation(self) -> None:
         if not self._shards:
@@ -267,7 +267,7 @@ class ExpertParallelStrategy(ParallelStrategy):
         if self._eval_routed is not None:  # inside fit: not the training interval's tokens
             self._eval_routed += routed_LE
         if self._placed is not None:
-            slots_LP = torch.stack([d.tokens_per_slot_P.cpu() for d in self._placed.dispatchers()])
+            slots_LP = torch.stack([d.tokens_per_slot_P for d in self._placed.dispatchers()])
             self._placed.restore()
             self._placed = None
         else:
@@ -278,7 +278,7 @@ class ExpertParallelStrategy(ParallelStrategy):
         """Sums this rank's tokens per slot over the block (collective), then logs and prints the
         tokens per expert rank's max / mean per MoE layer as ``ep/{stage}_rank_load_max_over_mean``."""
         R = self.expert_parallel_size
-        total = slots_LP.double().to(self.root_device)
+        total = slots_LP.to(self.root_device, torch.float64)  # counts stay on the device until the one read below
         comm = self.mesh.comm(self.mesh.block_group, "per-rank load logs")
         collective(comm, "rank-load all-reduce", lambda: dist.all_reduce(total, group=comm.group))
         rank_loads_LR = total.cpu().view(len(self._shards), R, -1).sum(-1)
