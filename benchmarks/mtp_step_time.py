@@ -38,7 +38,7 @@ def main() -> None:
         out = module.model(window[:, :256])
         loss = F.cross_entropy(out.logits.flatten(0, 1), window[:, 1:257].flatten())
         for head in module.heads:
-            loss = loss + head(out.hidden_states, window, module.model, stage="train", step=0).loss
+            loss = loss + head(out.hidden_states, module.read_batch(window), module.model, stage="train", step=0).loss
         loss.backward()
         optimizers[depth].step()
         optimizers[depth].zero_grad()

@@ -161,6 +161,7 @@ class DualPipeStrategy(ParallelStrategy):
     # ------------------------------------------------------------------ training
     @override
     def training_step(self, tokens: torch.Tensor, batch_idx: int, *args: Any, **kwargs: Any) -> torch.Tensor:
+        _plain_windows(tokens, type(self).__name__)
         runner = self._runner()
         module = self.lightning_module
         module.zero_grad(
@@ -195,6 +196,7 @@ class DualPipeStrategy(ParallelStrategy):
 
     # ------------------------------------------------------------------ evaluation
     def _evaluate(self, tokens: torch.Tensor, stage_name: str) -> None:
+        _plain_windows(tokens, type(self).__name__)
         logs = pipeline_evaluate(self._runner(), tokens, stage_name)
         logs = self.mesh.mean_over_replicas(logs, self.root_device)
         self.lightning_module.log_dict({k: v.to(tokens.device) for k, v in logs.items()})
@@ -284,6 +286,16 @@ class DualPipeStrategy(ParallelStrategy):
     def teardown(self) -> None:
         self.runner = None
         super().teardown()
+
+
+def _plain_windows(batch: Any, strategy: str) -> None:
+    """Refuses conversation batches (a dict with a loss mask and packed documents, dsv3_lightning.batch):
+    the pipeline's stages carry plain token windows only."""
+    if not isinstance(batch, torch.Tensor):
+        raise NotImplementedError(
+            f"{strategy} trains on plain token windows; fine-tuning on conversations (data.conversations) "
+            "is not supported by the pipeline yet: train it with DDP, FSDP or expert parallelism"
+        )
 
 
 __all__ = ["DualPipeStrategy"]

@@ -8,6 +8,10 @@ depth's hidden state at i and the embedding of t_{i+k}:
     h_k = MTP_k(h_{k-1}, Emb(tokens[:, k : k+S]))      targets_k = tokens[:, k+1 : k+1+S]
     L_MTP = λ / D · Σ_k CE(logits_k, targets_k)
 
+Fine-tuning on packed conversations: the depth-k modules attend inside each conversation as the trunk
+does, and CE_k counts only target tokens of the predicting position's own conversation
+(``Batch.target_mask(k + 1)``), so the main head and every depth learn from the same answers.
+
 Logged as ``{stage}/mtp_loss`` and ``{stage}/mtp_loss/depth_k``, and at validation each depth's top-1
 accuracy ``val/mtp_accuracy/depth_k``. The main head's ``val/loss`` is computed by the module without
 MTP, as the paper evaluates. λ follows V3: ``loss_weight`` (0.3) until ``switch_at_step``, then
@@ -23,10 +27,10 @@ when the model came from such a checkpoint; experts go through the core's one st
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from dsv3_lightning.plugins.mtp.module import MTPModule
 from torch import nn
 
+from dsv3_lightning.batch import Batch
 from dsv3_lightning.heads import HeadOutput, PredictionHead
 from dsv3_lightning.hf_experts import stack_state, unstack
 from dsv3_lightning.model.transformer import DeepSeekV3
@@ -88,28 +92,28 @@ class MultiTokenPrediction(PredictionHead):
             names += [f"mtp_accuracy/depth_{k}" for k in range(1, self.depth + 1)]
         return names
 
-    def forward(self, hidden_states: torch.Tensor, tokens: torch.Tensor, model: DeepSeekV3, *, stage: str,
+    def forward(self, hidden_states: torch.Tensor, batch: Batch, model: DeepSeekV3, *, stage: str,
                 step: int = 0) -> HeadOutput:
         if self.depth == 0:
             return HeadOutput(hidden_states.new_zeros(()))
-        S = hidden_states.shape[1]
+        S, tokens = hidden_states.shape[1], batch.tokens
         if tokens.shape[1] < S + 1 + self.depth:
             raise ValueError(
                 f"windows of {tokens.shape[1]} tokens are too short for MTP depth {self.depth}: set "
                 f"data.extra_tokens to {self.depth}"
             )
-        cos, sin = model.rotary(S, hidden_states.device)
+        cos, sin, mask = model.attention_inputs(S, hidden_states.device, batch.input_documents)
         h = hidden_states
         losses, logs = [], {}
         for k, layer in enumerate(self.layers, start=1):
-            h = layer(h, model.embed(tokens[:, k : k + S]), cos, sin)
+            h = layer(h, model.embed(tokens[:, k : k + S]), cos, sin, mask)
             logits = model.lm_head(layer.shared_head.norm(h))
-            targets = tokens[:, k + 1 : k + 1 + S]
-            ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+            ce = batch.cross_entropy(logits, offset=k + 1)
             losses.append(ce)
             logs[f"mtp_loss/depth_{k}"] = ce.detach()
             if stage != "train":
-                logs[f"mtp_accuracy/depth_{k}"] = (logits.argmax(-1) == targets).float().mean()
+                correct = (logits.argmax(-1) == batch.targets(k + 1)).float()
+                logs[f"mtp_accuracy/depth_{k}"] = batch.mean(correct, offset=k + 1)
         losses_D = torch.stack(losses)
         logs["mtp_loss"] = losses_D.mean().detach()
         return HeadOutput(self.weighted_loss(losses_D, step), logs)

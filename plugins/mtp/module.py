@@ -41,6 +41,7 @@ class MTPModule(DecoderLayer):
         return self.eh_proj(torch.cat([self.enorm(emb_BSD), self.hnorm(h_prev_BSD)], dim=-1))
 
     def forward(
-        self, h_prev_BSD: torch.Tensor, emb_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+        self, h_prev_BSD: torch.Tensor, emb_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return super().forward(self.fuse(h_prev_BSD, emb_BSD), cos, sin)
+        return super().forward(self.fuse(h_prev_BSD, emb_BSD), cos, sin, mask)

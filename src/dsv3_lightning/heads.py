@@ -8,8 +8,14 @@ construction) through ``attach``. The module adds each head's ``loss`` to the ne
     class MyHead(PredictionHead):
         extra_tokens = 2                            # the data windows must carry 2 more tokens
         def attach(self, model): self.proj = nn.Linear(model.config.hidden_size, ...)
-        def forward(self, hidden_states, tokens, model, *, stage, step):
-            return HeadOutput(loss, {"acc": ...})
+        def forward(self, hidden_states, batch, model, *, stage, step):
+            logits = ...                            # [B, S, V] predicting batch.targets(offset=3)
+            return HeadOutput(batch.cross_entropy(logits, offset=3), {"acc": ...})
+
+``batch`` (dsv3_lightning.batch) holds the windows' tokens and, when fine-tuning on conversations, the
+loss mask and the packed documents: ``batch.cross_entropy`` and ``batch.mean`` take the loss on the
+targets alone, ``model.attention_inputs(S, device, batch.input_documents)`` keeps attention inside
+each document.
 
 Checkpoints rebuild heads from ``init_args()`` (their constructor arguments, stored in the
 LightningModule's hyperparameters), so ``load_from_checkpoint`` and ``dsv3 generate`` need no YAML.
@@ -27,6 +33,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
+    from dsv3_lightning.batch import Batch
     from dsv3_lightning.model.transformer import DeepSeekV3
 
 
@@ -48,9 +55,10 @@ class PredictionHead(nn.Module):
         """Called once by the LightningModule with the model, before the optimizer is built."""
 
     def forward(
-        self, hidden_states: torch.Tensor, tokens: torch.Tensor, model: DeepSeekV3, *, stage: str, step: int
+        self, hidden_states: torch.Tensor, batch: Batch, model: DeepSeekV3, *, stage: str, step: int
     ) -> HeadOutput:
-        """``hidden_states`` [B, S, D] (before the final norm), ``tokens`` the whole window [B, S + 1 + extra].
+        """``hidden_states`` [B, S, D] (before the final norm), ``batch`` the windows [B, S + 1 + extra]
+        (``batch.tokens``) with their loss mask and packed documents when fine-tuning.
 
         ``stage`` is "train", "val" or "test"; ``step`` the optimizer step, for loss-weight schedules.
         """

@@ -39,6 +39,7 @@ import torchmetrics
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
+from dsv3_lightning.batch import Batch
 from dsv3_lightning.collectives import sum_over_processes
 from dsv3_lightning.config import ModelConfig
 from dsv3_lightning.guard import NonFiniteGuard, check_state
@@ -198,22 +199,36 @@ class DSV3LightningModule(L.LightningModule):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids).logits
 
-    def _split(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def read_batch(self, batch: torch.Tensor | dict[str, torch.Tensor]) -> Batch:
+        """A batch of windows [B, S + 1 + extra_tokens] (or a conversation batch's dict, batch.py), read
+        for this module's heads: with a loss mask, the global target counts are summed over the
+        processes here (one all-reduce), so every loss is a share of the global batch's mean."""
+        tokens = batch if isinstance(batch, torch.Tensor) else batch["tokens"]
         seq_len = tokens.shape[1] - 1 - self.extra_tokens
         if seq_len < 1:
             raise ValueError(
                 f"batch windows of {tokens.shape[1]} tokens are too short for the heads, which need "
                 f"{self.extra_tokens} extra token(s): set data.extra_tokens to {self.extra_tokens}"
             )
-        return tokens[:, :seq_len], tokens[:, 1 : seq_len + 1]
+        trainer = self._trainer
+        return Batch.read(
+            batch, seq_len, offsets=1 + self.extra_tokens, replicas=trainer.world_size if trainer else 1,
+            sum_over_processes=lambda counts: sum_over_processes(trainer, counts),
+        )  # fmt: skip
+
+    def _split(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, next-token targets) of plain windows (the pipeline's micro-batches)."""
+        batch = self.read_batch(tokens)
+        return batch.inputs, batch.targets()
 
     def batch_loss(
-        self, logits: torch.Tensor, hidden: torch.Tensor, tokens: torch.Tensor, *, loss_terms: bool = True
+        self, logits: torch.Tensor, hidden: torch.Tensor, batch: Batch | torch.Tensor, *, loss_terms: bool = True
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The step API: a batch's training loss from the model's outputs, and its pieces.
 
         ``logits`` [B, S, V] and ``hidden`` [B, S, D] (the decoder's outputs before the final norm, which
-        the heads read) are the model's for the windows ``tokens`` [B, S + 1 + extra_tokens]. Returns
+        the heads read) are the model's for ``batch`` (a ``Batch``, or windows [B, S + 1 + extra_tokens]
+        of tokens); a loss mask, when the batch has one, applies to the main head and every head. Returns
         the loss to differentiate (main CE + each head's loss; the registered loss terms are already
         in the graph, attached by their routers) and the detached pieces, named as logged without the
         ``train/`` prefix (``ce``, the heads' logs and, with ``loss_terms``, the terms' values since the
@@ -222,24 +237,28 @@ class DSV3LightningModule(L.LightningModule):
         every stage's rank, and the pipeline collects them after the schedule), so a change to the loss
         here applies under every strategy.
         """
-        _, targets = self._split(tokens)
-        ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        if isinstance(batch, torch.Tensor):
+            batch = self.read_batch(batch)
+        ce = batch.cross_entropy(logits)
         loss, logs = ce, {"ce": ce.detach()}
         for head in self.heads:
-            head_out = head(hidden, tokens, self.model, stage="train", step=self.global_step)
+            head_out = head(hidden, batch, self.model, stage="train", step=self.global_step)
             loss = loss + head_out.loss
             logs.update({k: v.detach() for k, v in head_out.logs.items()})
         if loss_terms:
             logs.update(self.router_losses.pop(loss.device))
         return loss, logs
 
-    def training_step(self, tokens: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        inputs, targets = self._split(tokens)
+    def training_step(self, batch: torch.Tensor | dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        batch = self.read_batch(batch)
         accumulation = self._trainer.accumulate_grad_batches if self._trainer is not None else 1
         self.router_losses.scale = 1.0 / accumulation  # Lightning divides the loss by it: so do the terms
-        out = self.model(inputs)
-        loss, logs = self.batch_loss(out.logits, out.hidden_states, tokens)
-        self.flops_per_batch = self.flops_per_token * targets.numel()
+        out = self.model(batch.inputs, batch.input_documents)
+        loss, logs = self.batch_loss(out.logits, out.hidden_states, batch)
+        self.flops_per_batch = self.flops_per_token * batch.inputs.numel()
+        if batch.counts is not None:  # already global: the mean over processes of equal values
+            logs["target_tokens"] = batch.global_count(1)
+            logs["masked_tokens"] = batch.global_count(0) - batch.global_count(1)
         self.log_train({"loss": loss.detach(), **logs})
         return loss
 
@@ -264,20 +283,22 @@ class DSV3LightningModule(L.LightningModule):
         self.log_dict({f"train/{k}": v for k, v in means.items()})
         return loss
 
-    def validation_step(self, tokens: torch.Tensor, batch_idx: int) -> None:
-        self._evaluate(tokens, "val")
+    def validation_step(self, batch: torch.Tensor | dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "val")
 
-    def test_step(self, tokens: torch.Tensor, batch_idx: int) -> None:
-        self._evaluate(tokens, "test")
+    def test_step(self, batch: torch.Tensor | dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "test")
 
-    def _evaluate(self, tokens: torch.Tensor, stage: str) -> None:
-        inputs, targets = self._split(tokens)
-        out = self.model(inputs)
+    def _evaluate(self, batch: torch.Tensor | dict[str, torch.Tensor], stage: str) -> None:
+        batch = self.read_batch(batch)
+        targets = batch.targets()
+        out = self.model(batch.inputs, batch.input_documents)
         losses = F.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
-        self.val_loss.update(losses)
-        self.val_accuracy.update((out.logits.argmax(-1) == targets).float().flatten())
+        weights = batch.target_weights()  # with a loss mask: the mean over the targets alone
+        self.val_loss.update(losses, weights)
+        self.val_accuracy.update((out.logits.argmax(-1) == targets).float().flatten(), weights)
         for head in self.heads:
-            head_out = head(out.hidden_states, tokens, self.model, stage=stage, step=self.global_step)
+            head_out = head(out.hidden_states, batch, self.model, stage=stage, step=self.global_step)
             self.log_dict({f"{stage}/{k}": v for k, v in head_out.logs.items()}, sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
@@ -299,10 +320,10 @@ class DSV3LightningModule(L.LightningModule):
         self.val_loss.reset()
         self.val_accuracy.reset()
 
-    def predict_step(self, tokens: torch.Tensor, batch_idx: int) -> torch.Tensor:
+    def predict_step(self, batch: torch.Tensor | dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """Greedy next-token ids for every position of the windows' inputs."""
-        inputs, _ = self._split(tokens)
-        return self.model(inputs).logits.argmax(-1)
+        batch = self.read_batch(batch)
+        return self.model(batch.inputs, batch.input_documents).logits.argmax(-1)
 
     # ------------------------------------------------------------------ shard-first construction
     def configure_model(self) -> None:

@@ -85,8 +85,10 @@ class MultiHeadLatentAttention(nn.Module):
         q = self.q_a_proj(x_BSD) if self.compress_queries else self.q_proj(x_BSD)
         return q, self.kv_a_proj_with_mqa(x_BSD)
 
-    def attend(self, q_latent: torch.Tensor, kv_latent: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """From the down-projections to the heads' outputs [B, S, H·V] (before o_proj)."""
+    def attend(self, q_latent: torch.Tensor, kv_latent: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               mask: torch.Tensor | None = None):
+        """From the down-projections to the heads' outputs [B, S, H·V] (before o_proj); causal, or the
+        boolean ``mask`` [B, 1, S, S] of packed documents (model/documents.py) when given."""
         q = self.q_b_proj(self.q_a_layernorm(q_latent)) if self.compress_queries else q_latent
         q_nope, q_rope = q.unflatten(-1, (self.num_heads, -1)).split([self.qk_nope_head_dim, self.qk_rope_head_dim], -1)
         q = torch.cat((q_nope, apply_rotary(q_rope, cos, sin, self.rope_interleave)), -1)
@@ -98,15 +100,18 @@ class MultiHeadLatentAttention(nn.Module):
         k = torch.cat((k_nope, k_rope.expand(-1, -1, self.num_heads, -1)), -1)
 
         out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=self.softmax_scale
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=mask is None,
+            scale=self.softmax_scale,
         )
         return out.transpose(1, 2).flatten(2)
 
-    def from_latents(self, q_latent: torch.Tensor, kv_latent: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    def from_latents(self, q_latent: torch.Tensor, kv_latent: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     mask: torch.Tensor | None = None):
         """Everything after ``compress``: attention and o_proj, recomputed in backward if asked."""
         if self.recompute_up_projections and torch.is_grad_enabled():
-            return self.o_proj(checkpoint(self.attend, q_latent, kv_latent, cos, sin, use_reentrant=False))
-        return self.o_proj(self.attend(q_latent, kv_latent, cos, sin))
+            return self.o_proj(checkpoint(self.attend, q_latent, kv_latent, cos, sin, mask, use_reentrant=False))
+        return self.o_proj(self.attend(q_latent, kv_latent, cos, sin, mask))
 
-    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        return self.from_latents(*self.compress(x_BSD), cos, sin)
+    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.from_latents(*self.compress(x_BSD), cos, sin, mask)

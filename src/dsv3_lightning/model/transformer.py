@@ -25,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from dsv3_lightning.config import ModelConfig
 from dsv3_lightning.model.attention import MultiHeadLatentAttention
+from dsv3_lightning.model.documents import document_mask, document_positions
 from dsv3_lightning.model.init import draw_seed, init_weights_
 from dsv3_lightning.model.moe import MLP, MoE
 from dsv3_lightning.model.norm import RMSNorm
@@ -63,23 +64,25 @@ class DecoderLayer(nn.Module):
     def _normed_latents(self, h_BSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.self_attn.compress(self.input_layernorm(h_BSD))
 
-    def attention_block(self, h_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """h + MLA(input_layernorm(h))."""
+    def attention_block(self, h_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                        mask: torch.Tensor | None = None) -> torch.Tensor:
+        """h + MLA(input_layernorm(h)); ``mask``: packed documents' attention mask (model/documents.py)."""
         if self.recompute and torch.is_grad_enabled():
             latents = checkpoint(self._normed_latents, h_BSD, use_reentrant=False)
         else:
             latents = self._normed_latents(h_BSD)
-        return h_BSD + self.self_attn.from_latents(*latents, cos, sin)
+        return h_BSD + self.self_attn.from_latents(*latents, cos, sin, mask)
 
     def mlp_block(self, h_BSD: torch.Tensor) -> torch.Tensor:
         """h + MLP(post_attention_layernorm(h)), the MLP dense or MoE."""
         return h_BSD + self.mlp(self.post_attention_layernorm(h_BSD))
 
-    def forward(self, h_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, h_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         if self.compile_options is None:
-            return self.mlp_block(self.attention_block(h_BSD, cos, sin))
+            return self.mlp_block(self.attention_block(h_BSD, cos, sin, mask))
         attention_block, mlp_block = self._compiled_blocks()
-        return mlp_block(attention_block(h_BSD, cos, sin))
+        return mlp_block(attention_block(h_BSD, cos, sin, mask))
 
     def compile_blocks(self, **options) -> None:
         """Runs the attention block, and the MLP block of a dense layer, through ``torch.compile``
@@ -177,16 +180,30 @@ class DeepSeekV3(nn.Module):
         positions = torch.arange(offset, offset + seq_len, device=device)
         return self.model.rotary_emb(positions)
 
-    def run_layers(self, h_BSD: torch.Tensor, start: int = 0, end: int | None = None) -> torch.Tensor:
-        cos, sin = self.rotary(h_BSD.shape[1], h_BSD.device)
+    def attention_inputs(
+        self, seq_len: int, device: torch.device, documents_BS: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(cos, sin, mask) every layer of one forward shares: plain causal positions and no mask, or
+        with packed ``documents`` [B, S] positions restarting at each document and attention kept
+        inside it (model/documents.py)."""
+        if documents_BS is None:
+            return *self.rotary(seq_len, device), None
+        cos, sin = self.model.rotary_emb(document_positions(documents_BS))
+        return cos, sin, document_mask(documents_BS)
+
+    def run_layers(
+        self, h_BSD: torch.Tensor, start: int = 0, end: int | None = None, *, documents: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        cos, sin, mask = self.attention_inputs(h_BSD.shape[1], h_BSD.device, documents)
         for layer in self.model.layers[start:end]:
-            h_BSD = layer(h_BSD, cos, sin)
+            h_BSD = layer(h_BSD, cos, sin, mask)
         return h_BSD
 
     def head(self, h_BSD: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.model.norm(h_BSD))
 
-    def forward(self, input_ids: torch.Tensor) -> CausalLMOutput:
+    def forward(self, input_ids: torch.Tensor, documents: torch.Tensor | None = None) -> CausalLMOutput:
+        """``documents`` [B, S]: the packed document of each position (model/documents.py), or None."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape (batch, seq), got {tuple(input_ids.shape)}")
         seq_len = input_ids.shape[1]
@@ -195,7 +212,9 @@ class DeepSeekV3(nn.Module):
                 f"sequence length {seq_len} exceeds model.config.max_position_embeddings "
                 f"({self.config.max_position_embeddings}); shorten the input or raise max_position_embeddings"
             )
-        hidden = self.run_layers(self.embed(input_ids))
+        if documents is not None and documents.shape != input_ids.shape:
+            raise ValueError(f"documents {tuple(documents.shape)} must have the shape of input_ids {tuple(input_ids.shape)}")
+        hidden = self.run_layers(self.embed(input_ids), documents=documents)
         return CausalLMOutput(logits=self.head(hidden), hidden_states=hidden)
 
     def compile_blocks(self, **options) -> None:

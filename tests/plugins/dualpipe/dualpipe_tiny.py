@@ -72,7 +72,7 @@ def reference(module: DSV3LightningModule, tokens: torch.Tensor, num_microbatche
         out = module.model(inputs)
         loss = F.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten())
         for head in module.heads:
-            loss = loss + head(out.hidden_states, mb, module.model, stage="train", step=0).loss
+            loss = loss + head(out.hidden_states, module.read_batch(mb), module.model, stage="train", step=0).loss
         (loss / num_microbatches).backward()
         losses.append(loss.detach())
     grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}

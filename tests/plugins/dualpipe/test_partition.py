@@ -55,7 +55,7 @@ def test_pieces_compose_to_the_models_loss():
         inputs, targets = module._split(tokens)
         out = module.model(inputs)
         want = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), targets.flatten())
-        want = want + module.heads[0](out.hidden_states, tokens, module.model, stage="train", step=0).loss
+        want = want + module.heads[0](out.hidden_states, module.read_batch(tokens), module.model, stage="train", step=0).loss
     assert torch.equal(loss, want)
     assert pieces[1].logs[-1]["loss"] == loss and set(pieces[1].logs[-1]) == {
         "loss",

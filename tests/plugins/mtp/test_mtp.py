@@ -51,7 +51,7 @@ def test_loss_matches_direct_computation(depth):
     tokens = windows(depth)
     S = tokens.shape[1] - 1 - depth
     out = module.model(tokens[:, :S])
-    head_out = module.heads[0](out.hidden_states, tokens, module.model, stage="train", step=0)
+    head_out = module.heads[0](out.hidden_states, module.read_batch(tokens), module.model, stage="train", step=0)
     expected = direct_mtp_losses(module, tokens, depth)
     torch.testing.assert_close(head_out.loss, 0.3 / depth * torch.stack(expected).sum())
     for k, loss in enumerate(expected, start=1):
@@ -80,7 +80,7 @@ def test_gradients_reach_the_shared_embedding_and_head():
     S = tokens.shape[1] - 3
     tokens[:, S:] = 63  # a token only the MTP modules read as input (depth 2 embeds t[i+2] up to t[S+1])
     out = module.model(tokens[:, :S])
-    loss = module.heads[0](out.hidden_states, tokens, module.model, stage="train", step=0).loss
+    loss = module.heads[0](out.hidden_states, module.read_batch(tokens), module.model, stage="train", step=0).loss
     emb, head = torch.autograd.grad(loss, [module.model.model.embed_tokens.weight, module.model.lm_head.weight])
     assert emb[63].abs().sum() > 0  # reached through the MTP input path, not the trunk
     assert head.abs().sum() > 0
@@ -122,7 +122,7 @@ def test_errors():
     tokens = windows(1)  # one extra token where depth 2 needs two
     hidden = module.model(tokens[:, :12]).hidden_states
     with pytest.raises(ValueError, match="too short for MTP depth 2: set data.extra_tokens to 2"):
-        module.heads[0](hidden, tokens, module.model, stage="train", step=0)
+        module.heads[0](hidden, module.read_batch(tokens), module.model, stage="train", step=0)
 
 
 def test_fit_from_yaml_with_mtp(tmp_path, monkeypatch):
