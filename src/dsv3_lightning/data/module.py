@@ -22,6 +22,13 @@ What each Lightning hook does:
 * **Mixtures.** ``data.mixture: {path: weight, ...}`` mixes corpora (prepared or raw) into the one
   stream, each block of 4,096 windows holding each corpus's share, deterministically; validation is
   every corpus's validation split in turn. All must share one tokenizer.
+* **Conversations.** ``data.conversations`` (:mod:`~dsv3_lightning.data.conversations`) fine-tunes on
+  conversations instead: read in ``setup``, rendered with a chat template, tokenized with
+  ``data.tokenizer_path`` (or the checkpoint's tokenizer) and packed into windows held in memory; a
+  sample is then a dict of ``tokens``, ``loss_mask`` and ``documents``. The training order, its
+  resume and validation are the same as above, over these windows. The tokenizer and the chat
+  template may come from a checkpoint, which Lightning restores after ``setup``: when neither
+  ``data.tokenizer_path`` nor a template is there yet, tokenizing waits for the dataloaders.
 """
 
 from __future__ import annotations
@@ -39,6 +46,8 @@ from tokenizers import Tokenizer
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from typing_extensions import override
 
+from dsv3_lightning.data.chat import ChatTemplate, choose_template, tokenizer_directory
+from dsv3_lightning.data.conversations import Conversation, Conversations, conversation_windows, read_splits
 from dsv3_lightning.data.prepare import PrepareSettings, prepare_corpus, signature, signature_key
 from dsv3_lightning.data.sampling import CorpusOrder, EvaluationSampler, GlobalOrderSampler, MixtureOrder
 from dsv3_lightning.data.sources import SourceFile, describe_data_path, list_sources
@@ -106,6 +115,9 @@ class DSV3DataModule(L.LightningDataModule):
         max_corpus_bytes: Keep whole files of a raw corpus up to this many bytes, chosen by a hash of
             their paths; null keeps everything.
         prepare_workers: Processes that tokenize a raw corpus (``dsv3 prepare --workers``).
+        conversations: Fine-tune on conversations instead of pretraining windows: their files, chat
+            template, packing, overflow and loss (``dsv3_lightning.data.conversations``). Leave
+            ``data_path`` and ``mixture`` null; ``tokenizer_path`` names the tokenizer.
     """
 
     def __init__(
@@ -124,6 +136,7 @@ class DSV3DataModule(L.LightningDataModule):
         cache_dir: str | None = None,
         max_corpus_bytes: int | None = None,
         prepare_workers: int = 1,
+        conversations: Conversations | None = None,
     ) -> None:
         super().__init__()
         for key, value, minimum, meaning in (
@@ -145,6 +158,15 @@ class DSV3DataModule(L.LightningDataModule):
             vocab_size=vocab_size,
         )  # fmt: skip
         self.corpora, self.weights = self._corpora(data_path, mixture)
+        if isinstance(conversations, dict):
+            conversations = Conversations(**conversations)
+        if conversations is not None and (data_path is not None or mixture is not None):
+            key, value = ("data_path", data_path) if data_path is not None else ("mixture", mixture)
+            raise ValueError(
+                f"data.conversations is set, and so is data.{key} ({value!r}): the conversations are the "
+                f"training data. Set data.{key} to null, or data.conversations to null to pretrain."
+            )
+        self.conversations = conversations
         self.data_path = data_path
         self.mixture = mixture
         self.tokenizer_path = tokenizer_path
@@ -166,6 +188,9 @@ class DSV3DataModule(L.LightningDataModule):
         self._sampler: GlobalOrderSampler | None = None
         self._resume_position: dict[str, Any] | None = None
         self._listed: dict[str | None, list[SourceFile]] = {}
+        self._splits: tuple[list[Conversation], list[Conversation]] | None = None
+        self._chat: ChatTemplate | None = None
+        self._checkpoint_template: str | None = None
 
     @staticmethod
     def _corpora(data_path: str | None, mixture: dict[str, float] | None) -> tuple[list[str | None], list[float]]:
@@ -207,17 +232,29 @@ class DSV3DataModule(L.LightningDataModule):
     @property
     def prepared(self) -> list[PreparedCorpus]:
         """The opened token stores, one per corpus (after ``setup``)."""
+        if self.conversations is not None:
+            raise RuntimeError("DSV3DataModule.prepared: data.conversations is set, so there are no token stores")
         if self._prepared is None:
             raise RuntimeError("DSV3DataModule: call setup() before asking for datasets or dataloaders")
         return self._prepared
 
     @property
     def train_dataset(self) -> Dataset:
+        self._tokenize_conversations()
         return self._dataset(self._train)
 
     @property
     def val_dataset(self) -> Dataset:
+        self._tokenize_conversations()
         return self._dataset(self._val)
+
+    @property
+    def chat_template(self) -> ChatTemplate:
+        """The chat template conversations are rendered with (after ``setup`` with ``data.conversations``)."""
+        self._tokenize_conversations()
+        if self._chat is None:
+            raise RuntimeError("DSV3DataModule.chat_template: set data.conversations and call setup() first")
+        return self._chat
 
     @staticmethod
     def _dataset(parts: list[TokenWindows] | None) -> Dataset:
@@ -303,11 +340,19 @@ class DSV3DataModule(L.LightningDataModule):
 
     @override
     def prepare_data(self) -> None:
+        if self.conversations is not None:
+            self._read_conversations()  # generates the default set once per node
+            self._tokenizer = self._given_tokenizer()[0] or self._tokenizer
+            return
         self._tokenizer = self._prepare()[0].tokenizer
 
     @override
     def setup(self, stage: str | None = None) -> None:
         if self._train is not None:
+            return
+        if self.conversations is not None:
+            self._read_conversations()
+            self._tokenize_conversations(final=False)
             return
         prepared = self._prepare()
         train, val = (
@@ -344,6 +389,45 @@ class DSV3DataModule(L.LightningDataModule):
         )  # fmt: skip
         self._prepared, self._train, self._val = prepared, train, val
         self._tokenizer = prepared[0].tokenizer
+
+    # ------------------------------------------------------------------------ conversations
+
+    def _read_conversations(self) -> tuple[list[Conversation], list[Conversation]]:
+        assert self.conversations is not None
+        if self._splits is None:
+            self._splits = read_splits(
+                self.conversations, val_fraction=self.val_fraction, seed=self.seed, cache_root=self._cache_root()
+            )  # fmt: skip
+        return self._splits
+
+    def _tokenize_conversations(self, *, final: bool = True) -> None:
+        """Build the conversation windows once a tokenizer and a template are known (module docstring)."""
+        if self.conversations is None or self._train is not None or self._splits is None:
+            return
+        tokenizer, source = self._given_tokenizer()
+        if tokenizer is None:
+            if not final:
+                return
+            raise ValueError(
+                "data.conversations needs a tokenizer and data.tokenizer_path is null: set it to a "
+                "tokenizer.json or a Hugging Face directory holding one (e.g. one written by `dsv3 convert`), "
+                "or resume from a checkpoint that carries one."
+            )
+        size = tokenizer.get_vocab_size()
+        self._check_vocabulary(source, size, f"Raise data.vocab_size to at least {size}, or use a smaller tokenizer.")
+        chat = choose_template(
+            self.conversations.chat_template, tokenizer_dir=tokenizer_directory(self.tokenizer_path),
+            tokenizer=tokenizer, checkpoint_template=self._checkpoint_template, required=final,
+        )  # fmt: skip
+        if chat is None:  # the checkpoint restored after setup may bring one
+            return
+        train, val = conversation_windows(
+            *self._splits, settings=self.conversations, chat=chat, tokenizer=tokenizer, seq_len=self.seq_len,
+            extra_tokens=self.extra_tokens, batch_size=self.batch_size, pad_id=eos_token_id(tokenizer, source=source),
+        )  # fmt: skip
+        self._train, self._val, self._tokenizer, self._chat = [train], [val], tokenizer, chat
+
+    # -------------------------------------------------------------------------------- order
 
     def _order(self) -> CorpusOrder | MixtureOrder:
         sizes = [len(t) for t in self._train or []]
@@ -418,6 +502,8 @@ class DSV3DataModule(L.LightningDataModule):
         if self._tokenizer is None:
             return {}
         state: dict[str, Any] = {"tokenizer_json": self._tokenizer.to_str(), "vocab_size": self.vocab_size}
+        if self._chat is not None:
+            state["chat_template"] = self._chat.source
         trainer = self.trainer
         if trainer is not None and trainer.state.fn == "fit" and self._sampler is not None:
             # ``processed`` counts the batch whose end hooks are saving this checkpoint.
@@ -435,29 +521,44 @@ class DSV3DataModule(L.LightningDataModule):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Adopt the checkpoint's tokenizer and stream position.
+        """Adopt the checkpoint's tokenizer, chat template and stream position.
 
         Lightning restores a datamodule after ``setup``. A raw corpus tokenized with another tokenizer
         than the checkpoint's is prepared again with the checkpoint's; a prepared corpus is refused.
+        Conversations are tokenized again when the checkpoint's tokenizer differs, or its chat template
+        does and ``data.conversations.chat_template`` is null.
         """
         self._resume_position = state_dict.get("position")
-        if "tokenizer_json" not in state_dict:
-            return
-        tokenizer = tokenizer_from_str(state_dict["tokenizer_json"], source="the checkpoint's tokenizer")
-        self._check_vocabulary(
-            "the checkpoint's tokenizer", tokenizer.get_vocab_size(),
-            f"Set data.vocab_size to the checkpoint's ({state_dict.get('vocab_size')}).",
-        )  # fmt: skip
-        current = self._tokenizer
-        if current is not None and tokenizer_fingerprint(current) == tokenizer_fingerprint(tokenizer):
-            return
-        self._checkpoint_tokenizer = tokenizer
-        self._tokenizer = tokenizer
-        if self._train is not None:
-            logger.warning(
-                "the checkpoint's tokenizer differs from the one of data.*: preparing the corpus again with "
-                "the checkpoint's. Set data.tokenizer_path to a saved copy of it to skip this."
-            )
+        changed = []
+        if self.conversations is not None and state_dict.get("chat_template") is not None:
+            self._checkpoint_template = state_dict["chat_template"]
+            if self.conversations.chat_template is None and self._chat is not None:
+                if self._chat.source != self._checkpoint_template:
+                    changed.append("chat template")
+        if "tokenizer_json" in state_dict:
+            tokenizer = tokenizer_from_str(state_dict["tokenizer_json"], source="the checkpoint's tokenizer")
+            self._check_vocabulary(
+                "the checkpoint's tokenizer", tokenizer.get_vocab_size(),
+                f"Set data.vocab_size to the checkpoint's ({state_dict.get('vocab_size')}).",
+            )  # fmt: skip
+            current = self._tokenizer
+            if current is None or tokenizer_fingerprint(current) != tokenizer_fingerprint(tokenizer):
+                self._checkpoint_tokenizer = tokenizer
+                self._tokenizer = tokenizer
+                changed.append("tokenizer")
+        if changed and self._train is not None:
+            what = " and ".join(changed)
+            if self.conversations is not None:
+                logger.warning(
+                    "the checkpoint's %s differs from the one of data.*: tokenizing the conversations again "
+                    "with the checkpoint's. Set data.tokenizer_path / data.conversations.chat_template to it to "
+                    "skip this.", what,
+                )  # fmt: skip
+            else:
+                logger.warning(
+                    "the checkpoint's tokenizer differs from the one of data.*: preparing the corpus again with "
+                    "the checkpoint's. Set data.tokenizer_path to a saved copy of it to skip this."
+                )
             self._train = self._val = self._prepared = None
             self.setup()
 
@@ -468,8 +569,15 @@ class DSV3DataModule(L.LightningDataModule):
 
         Token frequencies come from the whole train stream, smoothed over ``vocab_size`` (the model's
         output size); the targets are ``stream[1 : num_windows * seq_len + 1]`` of each validation
-        split, the tokens the model is scored on. A trained model must beat this.
+        split, the tokens the model is scored on. A trained model must beat this. With
+        ``data.conversations``: frequencies of the training targets, scored on the validation targets
+        (each conversation's first token is never a target).
         """
+        if self.conversations is not None:
+            train, val = self.train_dataset, self.val_dataset  # ConversationWindows
+            counts = np.bincount(train.conversations.scored(), minlength=self.vocab_size)
+            log_probs = np.log((counts + 1.0) / (counts.sum() + self.vocab_size))
+            return float(-log_probs[val.conversations.scored()].mean())
         counts = np.zeros(self.vocab_size, dtype=np.int64)
         for p in self.prepared:
             for chunk in p.splits["train"].chunks():
@@ -479,15 +587,18 @@ class DSV3DataModule(L.LightningDataModule):
         return float(-log_probs[targets].mean())
 
 
-def windows_in_batch(batch: torch.Tensor) -> int:
+def windows_in_batch(batch: torch.Tensor | dict[str, torch.Tensor]) -> int:
     """Windows in a batch: ``ThroughputMonitor(batch_size_fn=...)`` for samples/s."""
-    return batch.shape[0]
+    return (batch["tokens"] if isinstance(batch, dict) else batch).shape[0]
 
 
-def targets_in_batch(batch: torch.Tensor) -> int:
+def targets_in_batch(batch: torch.Tensor | dict[str, torch.Tensor]) -> int:
     """Next-token targets in a batch (``ThroughputMonitor(length_fn=...)`` for tokens/s).
 
     Counts ``window_len - 1`` per window, which is exactly the trained positions when
-    ``extra_tokens`` is 0 and overcounts by ``extra_tokens`` per window otherwise.
+    ``extra_tokens`` is 0 and overcounts by ``extra_tokens`` per window otherwise. A conversation
+    batch counts its ``loss_mask`` (one reduction and, on a GPU, one device-to-host copy).
     """
+    if isinstance(batch, dict):
+        return int(batch["loss_mask"].sum())
     return batch.shape[0] * (batch.shape[1] - 1)
