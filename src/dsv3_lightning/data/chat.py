@@ -39,7 +39,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import jinja2
 import jinja2.ext
@@ -92,7 +92,7 @@ BUILTIN_TEMPLATES: dict[str, str] = {
 class _GenerationTag(jinja2.ext.Extension):
     """``{% generation %}...{% endgeneration %}`` (transformers' marker of assistant text) as plain text."""
 
-    tags = {"generation"}
+    tags: ClassVar[set[str]] = {"generation"}
 
     def parse(self, parser: jinja2.parser.Parser) -> jinja2.nodes.Node:
         lineno = next(parser.stream).lineno
@@ -104,7 +104,9 @@ def _raise_exception(message: str) -> None:
     raise jinja2.exceptions.TemplateError(message)
 
 
-def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None, sort_keys: bool = False) -> str:
+def _tojson(
+    x: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None, sort_keys: bool = False
+) -> str:
     return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
@@ -146,7 +148,9 @@ class ChatTemplate:
         self.bos_token = bos_token
         self.eos_token = eos_token
 
-    def render(self, messages: Sequence[dict[str, str]], *, add_generation_prompt: bool, where: str = "") -> str:
+    def render(
+        self, messages: Sequence[dict[str, str]], *, add_generation_prompt: bool, where: str = ""
+    ) -> str:
         """The template's text for ``messages``; ``where`` (``"file:line: "``) prefixes an error."""
         try:
             return self._template.render(
@@ -171,7 +175,9 @@ class ChatTemplate:
         for i in answers:
             prompt = self.render(messages[:i], add_generation_prompt=True, where=where)
             if not prompt.startswith(done):
-                self._not_incremental(where, f"the first {i} messages with the generation prompt", done, prompt)
+                self._not_incremental(
+                    where, f"the first {i} messages with the generation prompt", done, prompt
+                )
             answered = self.render(messages[: i + 1], add_generation_prompt=False, where=where)
             if not answered.startswith(prompt):
                 self._not_incremental(where, f"the first {i + 1} messages", prompt, answered)
@@ -196,7 +202,9 @@ class ChatTemplate:
         )
 
 
-def render_prompt(template: str, messages: Sequence[dict[str, str]], *, bos_token: str, eos_token: str) -> str:
+def render_prompt(
+    template: str, messages: Sequence[dict[str, str]], *, bos_token: str, eos_token: str
+) -> str:
     """``messages`` rendered with the generation prompt: what a model is given to answer them."""
     chat = ChatTemplate(template, origin="the chat template", bos_token=bos_token, eos_token=eos_token)
     return chat.render(messages, add_generation_prompt=True)
@@ -235,13 +243,13 @@ def _find_chat_template(directory: Path) -> tuple[str, str] | None:
         if not isinstance(named.get("default"), str):
             raise ValueError(
                 f"{directory / CONFIG_FILE}: chat_template is a list of templates {sorted(map(str, named))} with "
-                f"no \"default\". Set {_KEY} to the one to use (its source, or a .jinja file holding it)."
+                f'no "default". Set {_KEY} to the one to use (its source, or a .jinja file holding it).'
             )
-        return named["default"], origin + " (its \"default\")"
+        return named["default"], origin + ' (its "default")'
     if not isinstance(template, str):
         raise ValueError(
             f"{directory / CONFIG_FILE}: chat_template is a {type(template).__name__}, not a template string "
-            f"or a list of {{\"name\", \"template\"}}. Fix it, or set {_KEY}."
+            f'or a list of {{"name", "template"}}. Fix it, or set {_KEY}.'
         )
     return template, origin
 

@@ -89,7 +89,10 @@ class Conversations:
     """Train on the assistant's answers only, or on every token of the conversation."""
 
     def __post_init__(self) -> None:
-        for key, value, choices in (("overflow", self.overflow, ("drop", "truncate")), ("loss", self.loss, ("assistant", "all"))):
+        for key, value, choices in (
+            ("overflow", self.overflow, ("drop", "truncate")),
+            ("loss", self.loss, ("assistant", "all")),
+        ):
             if value not in choices:
                 raise ValueError(f"{_KEY}.{key} ({value!r}) must be one of {', '.join(choices)}.")
 
@@ -125,14 +128,20 @@ def conversation_files(path: str, key: str) -> tuple[Path, list[Path]]:
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         files += [Path(dirpath, f) for f in filenames if f.endswith(".jsonl") and not f.startswith(".")]
     if not files:
-        raise ValueError(f"{key} ({path!r}) holds no *.jsonl files. Point it at a .jsonl file of conversations.")
+        raise ValueError(
+            f"{key} ({path!r}) holds no *.jsonl files. Point it at a .jsonl file of conversations."
+        )
     return root, sorted(files)
 
 
 def _message(message: Any, i: int, where: str) -> dict[str, str]:
-    if not (isinstance(message, dict) and isinstance(message.get("role"), str) and isinstance(message.get("content"), str)):
+    if not (
+        isinstance(message, dict)
+        and isinstance(message.get("role"), str)
+        and isinstance(message.get("content"), str)
+    ):
         raise ValueError(
-            f"{where}: message {i} ({json.dumps(message)[:80]}) has no string \"role\" and \"content\". Each "
+            f'{where}: message {i} ({json.dumps(message)[:80]}) has no string "role" and "content". Each '
             'message is {"role": "user", "content": "..."}.'
         )
     if message["role"] not in ROLES:
@@ -160,11 +169,15 @@ def parse_conversation(line: str, where: str) -> list[dict[str, str]]:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as err:
-        raise ValueError(f"{where}: not valid JSON ({err}). Each line holds one conversation: {_FORMS}.") from err
+        raise ValueError(
+            f"{where}: not valid JSON ({err}). Each line holds one conversation: {_FORMS}."
+        ) from err
     if isinstance(record, dict) and "messages" in record:
         messages = record["messages"]
         if not isinstance(messages, list):
-            raise ValueError(f'{where}: "messages" is a {type(messages).__name__}, not a list. Write {_FORMS}.')
+            raise ValueError(
+                f'{where}: "messages" is a {type(messages).__name__}, not a list. Write {_FORMS}.'
+            )
     elif isinstance(record, dict) and "prompt" in record and "completion" in record:
         messages = _as_messages(record["prompt"], "user", "prompt", where)
         messages = messages + _as_messages(record["completion"], "assistant", "completion", where)
@@ -218,7 +231,9 @@ def split_conversations(
         is_val[np.argmin(keys)] = True
     elif is_val.all():
         is_val[np.argmax(keys)] = False
-    return [c for c, v in zip(conversations, is_val) if not v], [c for c, v in zip(conversations, is_val) if v]
+    return [c for c, v in zip(conversations, is_val) if not v], [
+        c for c, v in zip(conversations, is_val) if v
+    ]
 
 
 # ------------------------------------------------------------------------------------ tokenizing
@@ -263,7 +278,9 @@ class TokenizedConversations:
         return TokenizedConversations(self.tokens[index], self.targets[index], offsets)
 
 
-def _pieces(conversations: list[Conversation], chat: ChatTemplate, loss: str) -> Iterator[tuple[int, str, bool]]:
+def _pieces(
+    conversations: list[Conversation], chat: ChatTemplate, loss: str
+) -> Iterator[tuple[int, str, bool]]:
     """``(conversation, text, is_target)`` for every rendered piece."""
     for i, conversation in enumerate(conversations):
         for text, is_answer in chat.segments(conversation.messages, where=conversation.where + ": "):
@@ -315,7 +332,7 @@ def pack(lengths: np.ndarray, capacity: int, packing: bool) -> np.ndarray:
 
     Next fit in order: a conversation that does not fit in what is left of the window starts the next.
     """
-    if not packing:
+    if not packing or len(lengths) == 0:
         return np.arange(len(lengths) + 1, dtype=np.int64)
     bounds, used = [0], 0
     for i, n in enumerate(lengths.tolist()):
@@ -340,7 +357,13 @@ class ConversationWindows(Dataset):
     """
 
     def __init__(
-        self, conversations: TokenizedConversations, *, capacity: int, window_len: int, pad_id: int, packing: bool
+        self,
+        conversations: TokenizedConversations,
+        *,
+        capacity: int,
+        window_len: int,
+        pad_id: int,
+        packing: bool,
     ) -> None:
         assert capacity <= window_len and (len(conversations) == 0 or conversations.lengths.max() <= capacity)
         self.conversations = conversations
@@ -422,11 +445,11 @@ def conversation_windows(
                 f"data.seq_len ({seq_len}), set {_KEY}.overflow to truncate, or give shorter conversations."
             )
         fitted.append(f)
+    window_len = capacity + extra_tokens
     train_windows, val_windows = (
         ConversationWindows(
-            f.conversations, capacity=capacity, window_len=capacity + extra_tokens, pad_id=pad_id,
-            packing=settings.packing,
-        )  # fmt: skip
+            f.conversations, capacity=capacity, window_len=window_len, pad_id=pad_id, packing=settings.packing
+        )
         for f in fitted
     )
     if len(train_windows) < batch_size:

@@ -116,7 +116,10 @@ def generate_docstring_qa(
     if files is None:
         root, files = _list_corpus_files(None)
     assert root is not None, "files are named relative to a root"
-    listing = [(Path(f).relative_to(root).as_posix(), (st := os.stat(f)).st_size, st.st_mtime_ns) for f in sorted(files)]
+    listing = [
+        (Path(f).relative_to(root).as_posix(), (st := os.stat(f)).st_size, st.st_mtime_ns)
+        for f in sorted(files)
+    ]
     settings = {"version": _VERSION, "max_pairs": max_pairs, "min_chars": min_chars, "max_chars": max_chars}
     key = hashlib.sha256(json.dumps([settings, str(root), listing]).encode("utf-8")).hexdigest()[:16]
     output = Path(cache_root).expanduser() / "conversations" / f"docstring_qa-{key}" / FILE_NAME
@@ -131,5 +134,7 @@ def generate_docstring_qa(
             messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
             f.write(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
     os.replace(tmp, output)
-    logger.info("data: %d docstring Q/A pairs from %d files of %s written to %s", len(pairs), len(files), root, output)
+    logger.info(
+        "data: %d docstring Q/A pairs from %d files of %s written to %s", len(pairs), len(files), root, output
+    )
     return output

@@ -532,9 +532,9 @@ class DSV3DataModule(L.LightningDataModule):
         changed = []
         if self.conversations is not None and state_dict.get("chat_template") is not None:
             self._checkpoint_template = state_dict["chat_template"]
-            if self.conversations.chat_template is None and self._chat is not None:
-                if self._chat.source != self._checkpoint_template:
-                    changed.append("chat template")
+            unset = self.conversations.chat_template is None
+            if unset and self._chat is not None and self._chat.source != self._checkpoint_template:
+                changed.append("chat template")
         if "tokenizer_json" in state_dict:
             tokenizer = tokenizer_from_str(state_dict["tokenizer_json"], source="the checkpoint's tokenizer")
             self._check_vocabulary(
