@@ -452,3 +452,22 @@ def test_a_checkpoint_carries_the_chat_template_and_resumes_without_one(
     )
     assert resumed.chat_template.source == BUILTIN_TEMPLATES["chatml"]
     assert resumed.tokenizer.to_str() == dm.tokenizer.to_str()
+
+
+def test_the_tokenizers_own_template_is_the_default(
+    tmp_path: Path, tokenizer: Tokenizer, chat_file: Path
+) -> None:
+    hf_dir = tmp_path / "hf"
+    hf_dir.mkdir()
+    tokenizer.save(str(hf_dir / "tokenizer.json"))
+    config = {"chat_template": BUILTIN_TEMPLATES["chatml"], "eos_token": {"content": EOS_TOKEN}}
+    (hf_dir / "tokenizer_config.json").write_text(json.dumps(config))
+    dm = _dm(tmp_path, hf_dir, {"path": str(chat_file)}, seq_len=128)
+    dm.setup("fit")
+    assert dm.chat_template.origin == f"the chat_template of {hf_dir / 'tokenizer_config.json'}"
+    assert (
+        dm.chat_template.eos_token == EOS_TOKEN
+        and dm.state_dict()["chat_template"] == config["chat_template"]
+    )
+    item = dm.train_dataset[0]
+    assert _decode(tokenizer, item["tokens"][item["loss_mask"]]).endswith("<|im_end|>\n")

@@ -231,9 +231,8 @@ def split_conversations(
         is_val[np.argmin(keys)] = True
     elif is_val.all():
         is_val[np.argmax(keys)] = False
-    return [c for c, v in zip(conversations, is_val) if not v], [
-        c for c, v in zip(conversations, is_val) if v
-    ]
+    train = [c for c, v in zip(conversations, is_val) if not v]
+    return train, [c for c, v in zip(conversations, is_val) if v]
 
 
 # ------------------------------------------------------------------------------------ tokenizing
