@@ -10,7 +10,9 @@
 a model built on the meta device, so no tensor is copied before it is written; safetensors shards of
 ``--max_shard_size`` follow ``save_pretrained``. Prediction heads export themselves through
 ``PredictionHead.hf_state_dict`` (MTP modules as layers ``num_hidden_layers + k``, with
-``num_nextn_predict_layers`` in config.json), and the run's tokenizer becomes ``tokenizer.json``.
+``num_nextn_predict_layers`` in config.json), and the run's tokenizer becomes ``tokenizer.json``; a
+fine-tuned run's chat template and its special tokens go into ``tokenizer_config.json``, where
+transformers' ``apply_chat_template`` reads them (and back into a .ckpt the other way).
 
 Sharded checkpoint directory (``sharded_checkpoint``: a distributed run's, told by its DCP metadata)
 -> Hugging Face: the same, each model tensor assembled from its chunks into a file-backed buffer
@@ -32,13 +34,13 @@ glm4_moe_lite); a model_type of another architecture is refused with that list.
 
 DST is never overwritten by surprise: a non-empty DST directory, or an existing DST file, is refused
 unless ``--overwrite`` is given (SRC itself always is). With it, DST's model files (``config.json``,
-``tokenizer.json``, ``model*.safetensors`` and the index) wait in a hidden folder inside DST while the
-conversion writes; the ones it does not write again (the shards of a larger model, the tokenizer of
-another run) are then deleted with the folder, so no stale weight or tokenizer is read beside the new
-ones, and a failed conversion leaves them in the folder and logs where. Other files are kept. One
-warning names what was replaced, removed and kept. Every file written gets the mode a new file has
-under the umask (0644 under the usual 022), whichever writer made it: safetensors' ``save_file``
-leaves 0600.
+``tokenizer.json``, ``tokenizer_config.json``, ``model*.safetensors`` and the index) wait in a hidden
+folder inside DST while the conversion writes; the ones it does not write again (the shards of a
+larger model, the tokenizer or chat template of another run) are then deleted with the folder, so no
+stale weight or tokenizer is read beside the new ones, and a failed conversion leaves them in the
+folder and logs where. Other files are kept. One warning names what was replaced, removed and kept.
+Every file written gets the mode a new file has under the umask (0644 under the usual 022), whichever
+writer made it: safetensors' ``save_file`` leaves 0600.
 """
 
 from __future__ import annotations
@@ -57,17 +59,20 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from tokenizers import Tokenizer
 
 from dsv3_lightning.config import ModelConfig
 from dsv3_lightning.heads import build_head
 from dsv3_lightning.hf import CONFIG_NAME, INDEX_FILE, config_from_hf, extra_layer_indices, new_file_mode, origin_of
+from dsv3_lightning.data.chat import ChatTemplate, load_chat_template
 from dsv3_lightning.loading import module_from_checkpoint
 from dsv3_lightning.sharded_checkpoint import looks_sharded, resolve
 
 log = logging.getLogger(__name__)
 
 # What a conversion into a directory writes: the ones it did not write this time are stale.
-_MODEL_FILES = (CONFIG_NAME, "tokenizer.json", INDEX_FILE, "model*.safetensors")
+TOKENIZER_CONFIG = "tokenizer_config.json"
+_MODEL_FILES = (CONFIG_NAME, "tokenizer.json", TOKENIZER_CONFIG, INDEX_FILE, "model*.safetensors")
 
 
 def _ckpt_to_hf(src: Path, dst: Path, max_shard_size: int, model_type: str | None = None) -> None:
@@ -99,9 +104,14 @@ def _checkpoint_to_hf(
     for head in module.heads:
         extra.update(head.hf_state_dict(module.model))
     module.model.save_pretrained(dst, max_shard_size=max_shard_size, extra_state=extra, model_type=model_type)
-    tokenizer = checkpoint.get("DSV3DataModule", {}).get("tokenizer_json")
+    data_state = checkpoint.get("DSV3DataModule", {})
+    tokenizer = data_state.get("tokenizer_json")
     if tokenizer is not None:
         (dst / "tokenizer.json").write_text(tokenizer, encoding="utf-8")
+        if data_state.get("chat_template") is not None:  # a fine-tuned model: its chat template, for transformers
+            chat = ChatTemplate.from_checkpoint(data_state, Tokenizer.from_str(tokenizer))
+            config = json.dumps(chat.tokenizer_config(), indent=2, ensure_ascii=False)
+            (dst / TOKENIZER_CONFIG).write_text(config + "\n", encoding="utf-8")
 
 
 def _hf_to_ckpt(src: Path, dst: Path, config: ModelConfig, hf: dict, mtp_head: str) -> None:
@@ -143,6 +153,9 @@ def _hf_to_ckpt(src: Path, dst: Path, config: ModelConfig, hf: dict, mtp_head: s
         if (src / "tokenizer.json").is_file():
             tokenizer = (src / "tokenizer.json").read_text(encoding="utf-8")
             checkpoint["DSV3DataModule"] = {"tokenizer_json": tokenizer, "vocab_size": config.vocab_size}
+            if load_chat_template(src) is not None:  # a chat model: its template and special tokens
+                chat = ChatTemplate.from_directory(src, Tokenizer.from_str(tokenizer))
+                checkpoint["DSV3DataModule"].update(chat.checkpoint_state())
         partial = Path(tmp) / "checkpoint.ckpt"
         torch.save(checkpoint, partial)
         partial.replace(dst)

@@ -3,6 +3,12 @@
     dsv3 generate --ckpt_path runs/tiny/version_0/checkpoints/last.ckpt --prompt "def main("
     dsv3 generate --ckpt_path hf_dir/ --prompt "import" --temperature 0.8 --top_p 0.95 --stop "\\n\\n"
     dsv3 generate --ckpt_path runs/ep/version_0/checkpoints/last.ckpt/ --prompt "def"   # sharded directory
+    dsv3 generate --ckpt_path runs/finetune_tiny_hf/ --chat --prompt "What does json.dumps do?"
+
+``--chat`` asks a fine-tuned model: the prompt becomes the user's message (after ``--system``'s, if
+given), written with the model's chat template (the one its fine-tuning trained on, stored in its
+checkpoint and exported into ``tokenizer_config.json``) and its generation prompt, and the answer
+stops at the template's end-of-sequence token.
 
 Greedy by default. With a checkpoint trained with multi-token prediction, greedy decoding is
 self-speculative (the MTP modules draft, the main model verifies: the same text, fewer main-model
@@ -20,7 +26,7 @@ import time
 import torch
 
 from dsv3_lightning.generation import Sampling, generate
-from dsv3_lightning.loading import load_trained
+from dsv3_lightning.loading import LoadedModel, load_trained
 from dsv3_lightning.tokenizer import EOS_TOKEN
 
 
@@ -61,6 +67,8 @@ def run(
     seed: int = 0,
     speculative: bool | None = None,
     tokenizer: str | None = None,
+    chat: bool = False,
+    system: str | None = None,
 ) -> list[int]:
     """Generate a continuation of a prompt.
 
@@ -77,6 +85,8 @@ def run(
         speculative: Self-speculative decoding with the checkpoint's MTP modules (greedy only); by
             default on when the checkpoint has them and temperature is 0.
         tokenizer: A tokenizer.json to use instead of the checkpoint's.
+        chat: The prompt is a user's message to a fine-tuned model, written in its chat template.
+        system: A system message before the user's (with ``--chat``).
 
     Returns the generated token ids (the prompt excluded).
     """
@@ -87,6 +97,10 @@ def run(
             "in its Lightning checkpoints; `dsv3 convert` copies it into the Hugging Face directory)"
         )
     model, tok = loaded.model, loaded.tokenizer
+    if chat:
+        prompt, stop = chat_prompt(loaded, prompt, system), stop or loaded.chat.eos_token or None
+    elif system is not None:
+        raise ValueError("--system is a message of a conversation: add --chat")
     prompt_ids = tok.encode(prompt, add_special_tokens=False).ids
     if not prompt_ids:
         raise ValueError("--prompt is empty: give at least one character of text to continue")
@@ -124,6 +138,19 @@ def run(
     sys.stdout.write("\n")
     print(f"{len(new)} tokens in {seconds:.2f} s ({len(new) / seconds:.1f} tokens/s){note}", file=sys.stderr)
     return new
+
+
+def chat_prompt(loaded: LoadedModel, message: str, system: str | None) -> str:
+    """The user's ``message`` (after ``system``'s) in the model's chat template, with its generation prompt."""
+    if loaded.chat is None:
+        raise ValueError(
+            f"{loaded.source} has no chat template: --chat needs a model fine-tuned on conversations "
+            "(data.conversations), or a Hugging Face directory with chat_template.jinja or a chat_template "
+            "in tokenizer_config.json"
+        )
+    messages = [{"role": "system", "content": system}] if system is not None else []
+    messages.append({"role": "user", "content": message})
+    return loaded.chat.render(messages, add_generation_prompt=True)
 
 
 def main(argv: list[str]) -> None:

@@ -2,13 +2,14 @@
 
 - a Lightning checkpoint (``.ckpt`` from ``dsv3 fit``): the model, its prediction heads (rebuilt from
   the checkpoint's hyperparameters, so MTP modules come back) and the tokenizer the run trained,
-  which the data module stores in every checkpoint;
+  which the data module stores in every checkpoint, with the chat template of a fine-tuning run;
 - a sharded checkpoint directory (a distributed ``dsv3 fit``; ``sharded_checkpoint``), told from a
   Hugging Face directory by its DCP files: the same, its model tensors assembled one at a time and its
   optimizer state never read;
 - a Hugging Face directory (config.json + safetensors) of any family hf_families.py lists, block
   FP8 included: the model (``model.hf_origin`` lists the MTP tensors it leaves on disk), and
-  ``tokenizer.json`` when the directory has one.
+  ``tokenizer.json`` and the chat template (``chat_template.jinja`` or ``tokenizer_config.json``'s)
+  when the directory has them.
 
 Anything else is refused with a message that says what was expected.
 """
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
+from dsv3_lightning.data.chat import ChatTemplate
 from dsv3_lightning.heads import PredictionHead
 from dsv3_lightning.model.transformer import DeepSeekV3
 from dsv3_lightning.sharded_checkpoint import looks_sharded
@@ -33,6 +35,8 @@ class LoadedModel:
     heads: list[PredictionHead] = field(default_factory=list)
     tokenizer: Tokenizer | None = None
     source: str = ""
+    chat: ChatTemplate | None = None
+    """How conversations are written for the model (a fine-tuned one's), or None."""
 
 
 def module_from_checkpoint(checkpoint: dict, source: str, heads: list[PredictionHead] | None = None):
@@ -84,13 +88,14 @@ def load_lightning_checkpoint(path: Path, heads: list[PredictionHead] | None = N
     tokenizer = None
     if "tokenizer_json" in data_state:
         tokenizer = tokenizer_from_str(data_state["tokenizer_json"], source=f"{path}'s tokenizer")
-    return LoadedModel(module.model.eval(), [h.eval() for h in module.heads], tokenizer, str(path))
+    chat = ChatTemplate.from_checkpoint(data_state, tokenizer)
+    return LoadedModel(module.model.eval(), [h.eval() for h in module.heads], tokenizer, str(path), chat)
 
 
 def load_hf_directory(path: Path) -> LoadedModel:
     model = DeepSeekV3.from_pretrained(path).eval()
     tokenizer = load_tokenizer(path / "tokenizer.json") if (path / "tokenizer.json").is_file() else None
-    return LoadedModel(model, [], tokenizer, str(path))
+    return LoadedModel(model, [], tokenizer, str(path), ChatTemplate.from_directory(path, tokenizer))
 
 
 def load_trained(

@@ -17,6 +17,11 @@ Logged: ``train/loss`` (the total) and ``train/ce`` every step; ``val/loss``, ``
 and ``val/accuracy`` (top-1 next-token) per validation run, through torchmetrics so that they are
 exact over the whole split on any number of ranks; ``params/total`` and ``params/activated`` at start.
 
+Fine-tuning on conversations (``data.conversations``): a batch carries a loss mask and the packed
+conversations (batch.py). The model attends inside each conversation, every loss and ``val/*`` value
+is the mean over the target (answer) tokens of the global batch, and ``train/target_tokens`` /
+``train/masked_tokens`` count the global batch's trained and masked positions.
+
 A NaN or infinite loss or gradient stops the run before the optimizer applies it, or skips the step
 (``nonfinite``, guard.py); a checkpoint of non-finite weights is refused.
 """
@@ -70,7 +75,7 @@ def building_on_meta() -> Iterator[None]:
 
 
 class DSV3LightningModule(L.LightningModule):
-    """Trains a ``DeepSeekV3`` on packed token windows ``[B, seq_len + 1 + extra_tokens]``.
+    """Trains a ``DeepSeekV3`` on packed token windows ``[B, seq_len + 1 + extra_tokens]`` (or conversations).
 
     Args:
         config: The model's shape (``model.config.*`` in YAML; ``vocab_size`` is linked from the data).
@@ -134,13 +139,12 @@ class DSV3LightningModule(L.LightningModule):
         on_meta = _BUILD_ON_META.get() or torch.get_default_device().type == "meta"
         with torch.device("meta") if on_meta else nullcontext():
             if init_from and on_meta:  # the kept tensors are read when materialised
-                if _hf_config(init_from) != config:
-                    raise ValueError(_SHAPE_MISMATCH.format(init_from=init_from))
+                _check_shape(init_from, _hf_config(init_from), config)
                 self.model = DeepSeekV3(config)
             else:
                 self.model = DeepSeekV3.from_pretrained(init_from) if init_from else DeepSeekV3(config)
-            if init_from and self.model.config != config:
-                raise ValueError(_SHAPE_MISMATCH.format(init_from=init_from))
+            if init_from:
+                _check_shape(init_from, self.model.config, config)
             self.heads = nn.ModuleList(heads)
             for head in self.heads:
                 head.attach(self.model)
@@ -447,10 +451,18 @@ class DSV3LightningModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
-_SHAPE_MISMATCH = (
-    "model.init_from ({init_from}) holds a model of another shape than model.config; "
-    "copy its config.json values into model.config"
-)
+def _check_shape(init_from: str, found: ModelConfig, config: ModelConfig) -> None:
+    """Refuses a checkpoint of another shape than ``model.config``, naming each field that differs."""
+    if found == config:
+        return
+    differ = [
+        f"{f.name}: {getattr(found, f.name)!r} in config.json, {getattr(config, f.name)!r} in model.config"
+        for f in dataclasses.fields(ModelConfig) if getattr(found, f.name) != getattr(config, f.name)
+    ]  # fmt: skip
+    raise ValueError(
+        f"model.init_from ({init_from}) holds a model of another shape than model.config ({'; '.join(differ)}); "
+        "copy its config.json values into model.config"
+    )
 
 
 def _hf_config(path: str) -> ModelConfig:

@@ -148,6 +148,32 @@ class ChatTemplate:
         self.bos_token = bos_token
         self.eos_token = eos_token
 
+    @classmethod
+    def from_checkpoint(cls, state: dict[str, Any], tokenizer: Tokenizer | None) -> ChatTemplate | None:
+        """The template a checkpoint's data-module state carries (``checkpoint_state``), or None."""
+        if state.get("chat_template") is None:
+            return None
+        tokens = state.get("chat_tokens") or (template_tokens(None, tokenizer) if tokenizer else ("", ""))
+        return cls(state["chat_template"], origin="the checkpoint's chat template", bos_token=tokens[0],
+                   eos_token=tokens[1])  # fmt: skip
+
+    @classmethod
+    def from_directory(cls, directory: str | Path, tokenizer: Tokenizer | None) -> ChatTemplate | None:
+        """A Hugging Face directory's template (``chat_template.jinja`` / ``tokenizer_config.json``), or None."""
+        found = _find_chat_template(Path(directory).expanduser())
+        if found is None:
+            return None
+        bos_token, eos_token = template_tokens(directory, tokenizer) if tokenizer else ("", "")
+        return cls(found[0], origin=found[1], bos_token=bos_token, eos_token=eos_token)
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """What a checkpoint's data-module state keeps of it (``from_checkpoint`` reads it back)."""
+        return {"chat_template": self.source, "chat_tokens": [self.bos_token, self.eos_token]}
+
+    def tokenizer_config(self) -> dict[str, Any]:
+        """``tokenizer_config.json`` of an exported directory, where transformers reads a template."""
+        return {"chat_template": self.source, "bos_token": self.bos_token, "eos_token": self.eos_token}
+
     def render(
         self, messages: Sequence[dict[str, str]], *, add_generation_prompt: bool, where: str = ""
     ) -> str:

@@ -86,7 +86,8 @@ class Conversations:
     """A conversation longer than ``seq_len + 1`` tokens is dropped, or truncated to its first
     ``seq_len + 1`` tokens."""
     loss: Literal["assistant", "all"] = "assistant"
-    """Train on the assistant's answers only, or on every token of the conversation."""
+    """Train on the assistant's answers only, or on every token of the conversation. Validation scores
+    the answers in either case (``val/loss``), so that runs of both settings compare."""
 
     def __post_init__(self) -> None:
         for key, value, choices in (
@@ -433,7 +434,8 @@ def conversation_windows(
     capacity = seq_len + 1
     fitted = []
     for split, conversations in (("training", train), ("validation", val)):
-        tokenized = tokenize_conversations(conversations, chat, tokenizer, loss=settings.loss)
+        loss = settings.loss if split == "training" else "assistant"  # validation: the answers, always
+        tokenized = tokenize_conversations(conversations, chat, tokenizer, loss=loss)
         f = fit_to_capacity(tokenized, capacity, settings.overflow)
         if len(f.conversations) == 0:
             truncated = settings.overflow == "truncate"

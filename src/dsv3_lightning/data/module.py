@@ -503,7 +503,7 @@ class DSV3DataModule(L.LightningDataModule):
             return {}
         state: dict[str, Any] = {"tokenizer_json": self._tokenizer.to_str(), "vocab_size": self.vocab_size}
         if self._chat is not None:
-            state["chat_template"] = self._chat.source
+            state.update(self._chat.checkpoint_state())
         trainer = self.trainer
         if trainer is not None and trainer.state.fn == "fit" and self._sampler is not None:
             # ``processed`` counts the batch whose end hooks are saving this checkpoint.
