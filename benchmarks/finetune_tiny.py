@@ -37,12 +37,13 @@ QUESTIONS = ("What does shutil.copyfile do?", "What does json.dumps do?", "What 
 
 
 def dsv3(work: Path, *args: str) -> tuple[str, float]:
+    """Runs ``dsv3 ARGS`` in ``work``: (its standard output, wall seconds)."""
     start = time.perf_counter()
     done = subprocess.run([DSV3, *args], cwd=work, capture_output=True, text=True)
     seconds = time.perf_counter() - start
     if done.returncode != 0:
         sys.exit(f"dsv3 {' '.join(args)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    return done.stdout + done.stderr, seconds
+    return done.stdout, seconds
 
 
 def last_metrics(work: Path, name: str) -> dict[str, float]:
@@ -91,11 +92,11 @@ def main() -> None:
 
     checkpoint = next((work / "runs" / "answers").glob("version_*/checkpoints/last.ckpt"))
     dsv3(work, "convert", str(checkpoint), "runs/finetune_tiny_hf")
-    print("\nAnswers of the fine-tuned model (dsv3 generate --chat, greedy):\n")
+    print("\nAnswers of the fine-tuned model (dsv3 generate --chat true, greedy):\n")
     for question in QUESTIONS:
-        out, _ = dsv3(work, "generate", "--ckpt_path", "runs/finetune_tiny_hf", "--chat", "--prompt", question,
+        out, _ = dsv3(work, "generate", "--ckpt_path", "runs/finetune_tiny_hf", "--chat", "true", "--prompt", question,
                       "--max_new_tokens", "60")
-        print(out.split("tokens in")[0].rsplit("\n", 1)[0].strip(), "\n")
+        print(out.strip(), "\n")
 
 
 if __name__ == "__main__":

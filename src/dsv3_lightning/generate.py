@@ -3,9 +3,9 @@
     dsv3 generate --ckpt_path runs/tiny/version_0/checkpoints/last.ckpt --prompt "def main("
     dsv3 generate --ckpt_path hf_dir/ --prompt "import" --temperature 0.8 --top_p 0.95 --stop "\\n\\n"
     dsv3 generate --ckpt_path runs/ep/version_0/checkpoints/last.ckpt/ --prompt "def"   # sharded directory
-    dsv3 generate --ckpt_path runs/finetune_tiny_hf/ --chat --prompt "What does json.dumps do?"
+    dsv3 generate --ckpt_path runs/finetune_tiny_hf/ --chat true --prompt "What does json.dumps do?"
 
-``--chat`` asks a fine-tuned model: the prompt becomes the user's message (after ``--system``'s, if
+``--chat true`` asks a fine-tuned model: the prompt becomes the user's message (after ``--system``'s, if
 given), written with the model's chat template (the one its fine-tuning trained on, stored in its
 checkpoint and exported into ``tokenizer_config.json``) and its generation prompt, and the answer
 stops at the template's end-of-sequence token.
@@ -100,7 +100,7 @@ def run(
     if chat:
         prompt, stop = chat_prompt(loaded, prompt, system), stop or loaded.chat.eos_token or None
     elif system is not None:
-        raise ValueError("--system is a message of a conversation: add --chat")
+        raise ValueError("--system is a message of a conversation: add --chat true")
     prompt_ids = tok.encode(prompt, add_special_tokens=False).ids
     if not prompt_ids:
         raise ValueError("--prompt is empty: give at least one character of text to continue")
@@ -144,7 +144,7 @@ def chat_prompt(loaded: LoadedModel, message: str, system: str | None) -> str:
     """The user's ``message`` (after ``system``'s) in the model's chat template, with its generation prompt."""
     if loaded.chat is None:
         raise ValueError(
-            f"{loaded.source} has no chat template: --chat needs a model fine-tuned on conversations "
+            f"{loaded.source} has no chat template: --chat true needs a model fine-tuned on conversations "
             "(data.conversations), or a Hugging Face directory with chat_template.jinja or a chat_template "
             "in tokenizer_config.json"
         )

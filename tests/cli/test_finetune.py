@@ -120,9 +120,9 @@ def test_finetune_validate_export_and_chat(pretrained, tmp_path, capsys):
 
 def test_chat_needs_a_template_and_system_needs_chat(pretrained, tmp_path):
     hf_dir, _ = pretrained
-    with pytest.raises(ValueError, match="has no chat template: --chat needs a model fine-tuned on conversations"):
+    with pytest.raises(ValueError, match="has no chat template: --chat true needs a model fine-tuned on conversations"):
         run(str(hf_dir), "hello", max_new_tokens=2, chat=True)
-    with pytest.raises(ValueError, match="--system is a message of a conversation: add --chat"):
+    with pytest.raises(ValueError, match="--system is a message of a conversation: add --chat true"):
         run(str(hf_dir), "hello", max_new_tokens=2, system="be brief")
 
 
