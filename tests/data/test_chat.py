@@ -176,3 +176,38 @@ def test_where_a_template_comes_from(tmp_path: Path, tokenizer) -> None:
         == BUILTIN_TEMPLATES["chatml"]
     )
     assert choose_template(None, tokenizer_dir=tmp_path, tokenizer=tokenizer, required=False) is None
+
+
+# A template in the style of DeepSeek's releases (written here): a namespace carrying the system prompt,
+# BOS first, full-width role markers, the end-of-sentence token after each answer.
+DEEPSEEK_STYLE = (
+    "{% set ns = namespace(system='') %}"
+    "{%- for m in messages %}{% if m['role'] == 'system' %}{% set ns.system = m['content'] %}{% endif %}{% endfor -%}"
+    "{{ bos_token }}{{ ns.system }}"
+    "{%- for m in messages %}"
+    "{%- if m['role'] == 'user' %}{{ '<｜User｜>' + m['content'] }}"
+    "{%- elif m['role'] == 'assistant' %}{{ '<｜Assistant｜>' + m['content'] + eos_token }}{% endif %}"
+    "{%- endfor %}"
+    "{% if add_generation_prompt %}{{ '<｜Assistant｜>' }}{% endif %}"
+)
+
+
+@pytest.mark.parametrize("name", ["dsv3_plain", "chatml", "deepseek_style"])
+def test_an_exported_template_renders_in_transformers_as_here(name: str, tmp_path: Path, tokenizer) -> None:
+    """What ``dsv3 convert`` writes (tokenizer.json + tokenizer_config.json) loads in transformers, whose
+    ``apply_chat_template`` renders every prefix exactly as this module does: the prompt a fine-tuned
+    model sees elsewhere is the one it was trained after."""
+    transformers = pytest.importorskip("transformers")
+    source = DEEPSEEK_STYLE if name == "deepseek_style" else BUILTIN_TEMPLATES[name]
+    chat = ChatTemplate(source, origin=name, bos_token="<|bos|>", eos_token="<|eos|>")
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(chat.tokenizer_config()))
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    for end in range(1, len(CONVERSATION) + 1):
+        for generation in (True, False):
+            ours = chat.render(CONVERSATION[:end], add_generation_prompt=generation)
+            assert theirs.apply_chat_template(
+                CONVERSATION[:end], tokenize=False, add_generation_prompt=generation
+            ) == ours, (name, end, generation)
+    answers = [text for text, is_answer in chat.segments(CONVERSATION) if is_answer]
+    assert answers[-1].startswith(" Deserialize" if name == "dsv3_plain" else "Deserialize")
