@@ -11,7 +11,7 @@ uses it for ``dualpipev`` when (F;B) pairs are to be overlapped, which torch's r
 
 Per action, in list order:
 
-    F(s, m)    x = tokens (first stage) or the activation of s-1's rank; y = piece(x, tokens_m);
+    F(s, m)    x = nothing (first stage) or the activation of s-1's rank; y = piece(x, tokens=mb_m);
                y goes to next(s)'s rank, unless s is a chain's last stage (y is the loss)
     B(s, m)    dy = the gradient from next(s)'s rank (last stage: 1/M); full backward; dx to prev(s)'s rank
     I(s, m)    dx only (weight part kept); dx to prev(s)'s rank  (first stage: nothing; all done at W)
@@ -70,6 +70,8 @@ from dsv3_lightning.plugins.dualpipe.torch_pipelining import (
     OVERLAP_F_B,
     Action,
 )
+
+from dsv3_lightning.batch import Batch
 
 _TIMELINE_COSTS = ChunkCosts(F=1, B=2, W=1, FB=3)
 """Any positive costs give a valid exchange order; these are the paper's proportions."""
@@ -279,13 +281,8 @@ class BidirectionalRuntime:
 
     def forward(self, stage: int, mb: int) -> None:
         prev, nxt = self.layout.prev_stage(stage), self.layout.next_stage(stage)
-        tokens = self._tokens[mb]
-        if prev is None:
-            x = None
-            y = self._piece(stage)(tokens, tokens)
-        else:
-            x = self._recv(Message(0, stage, mb)).requires_grad_()
-            y = self._piece(stage)(x, tokens)
+        x = None if prev is None else self._recv(Message(0, stage, mb)).requires_grad_()
+        y = self._piece(stage)(x, tokens=self._microbatches[mb])
         if nxt is None:
             self.losses[mb] = y.detach()
         else:
@@ -335,10 +332,10 @@ class BidirectionalRuntime:
         else:
             raise ValueError(f"unknown action {action}")
 
-    def step(self, tokens_mbs: list[torch.Tensor]) -> dict[int, torch.Tensor]:
-        """Runs the whole schedule on ``tokens_mbs`` (all M micro-batches); returns the losses of the
-        micro-batches whose last stage is on this rank, by micro-batch index."""
-        self._tokens, self._chunks, self.losses = tokens_mbs, {}, {}
+    def step(self, microbatches: list[torch.Tensor] | list[Batch]) -> dict[int, torch.Tensor]:
+        """Runs the whole schedule on ``microbatches`` (all M: windows, or ``Batch.split``'s); returns the
+        losses of the micro-batches whose last stage is on this rank, by micro-batch index."""
+        self._microbatches, self._chunks, self.losses = microbatches, {}, {}
         self._received, self._outbox, self._next = {}, {}, 0
         actions = self.plan.actions[self.rank]
         for i, action in enumerate(actions):

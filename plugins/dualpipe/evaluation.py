@@ -1,12 +1,14 @@
 """Validation and test through the pipeline: a plain forward of the first chain, no schedule.
 
-Evaluation has no backward to hide bubbles behind, so it runs each window batch through the pieces of
-the first chain in order (stage s's rank receives h from stage s-1's rank, unless both stages are on
-one rank as at DualPipeV's turn). The rank of the last piece computes what
-``DSV3LightningModule._evaluate`` computes: per-token CE and top-1 hits into the module's torchmetrics
-(which the other ranks update with nothing, so that the epoch-end sync sums every rank), and the
-heads' evaluation logs, which it broadcasts (one tensor; their names once) so that every rank logs
-the same values.
+Evaluation has no backward to hide bubbles behind, so it runs each batch through the pieces of the
+first chain in order (stage s's rank receives h from stage s-1's rank, unless both stages are on
+one rank as at DualPipeV's turn); with a conversation batch (a ``Batch`` read with the global
+counts, as for training) every piece attends inside the packed documents. The rank of the last
+piece computes what ``DSV3LightningModule._evaluate`` computes: per-token CE and top-1 hits into the
+module's torchmetrics, weighted by the target mask (``Batch.target_weights``: the mean over the
+answer tokens; the other ranks update with nothing, so that the epoch-end sync sums every rank), and
+the heads' evaluation logs, which it broadcasts (one tensor; their names once) so that every rank
+logs the same values.
 
 The hand-overs carry no tag (NCCL ignores tags and matches a pair's messages in posting order): only
 one rank computes at a time, each rank posts its receive before the send that answers it can be made,
@@ -22,14 +24,19 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from dsv3_lightning.plugins.dualpipe.runner import PipelineRunner
 
+from dsv3_lightning.batch import Batch
+
+
 @torch.no_grad()
 def pipeline_evaluate(
-    runner: PipelineRunner, tokens: torch.Tensor, stage_name: str
+    runner: PipelineRunner, batch: torch.Tensor | Batch, stage_name: str
 ) -> dict[str, torch.Tensor]:
-    """Updates ``module.val_loss`` / ``val_accuracy`` on the last piece's rank; returns the heads' logs
+    """Updates ``module.val_loss`` / ``val_accuracy`` on the last piece's rank with ``batch`` (windows
+    [B, S+1+extra], or a conversation batch read with its global counts); returns the heads' logs
     (``{stage_name}/key``), identical on every rank."""
     module, layout, group = runner.module, runner.layout, runner.group
-    inputs, targets = module._split(tokens)
+    batch = module.read_batch(batch) if isinstance(batch, torch.Tensor) else batch
+    inputs, targets, device = batch.inputs, batch.targets(), batch.tokens.device
     chain = layout.chains[0]
     h = None
     last_rank = layout.stage_to_rank[chain[-1]]
@@ -44,12 +51,12 @@ def pipeline_evaluate(
             h = torch.empty(
                 *inputs.shape,
                 module.config.hidden_size,
-                device=tokens.device,
+                device=device,
                 dtype=module.model.model.embed_tokens.weight.dtype,
             )
             src = dist.get_global_rank(group, layout.stage_to_rank[chain[i - 1]])
             dist.recv(h, src, group=group)
-        h = module.model.run_layers(h, *piece.layer_range)
+        h = module.model.run_layers(h, *piece.layer_range, documents=batch.input_documents)
         if i + 1 < len(chain) and layout.stage_to_rank[chain[i + 1]] != rank:
             dst = dist.get_global_rank(group, layout.stage_to_rank[chain[i + 1]])
             dist.send(h.contiguous(), dst, group=group)
@@ -57,16 +64,17 @@ def pipeline_evaluate(
     if runner.rank == last_rank:
         logits = module.model.head(h)
         losses = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
-        module.val_loss.update(losses)
-        module.val_accuracy.update((logits.argmax(-1) == targets).float().flatten())
+        weights = batch.target_weights()  # 1.0 without a mask
+        module.val_loss.update(losses, weights)
+        module.val_accuracy.update((logits.argmax(-1) == targets).float().flatten(), weights)
         for head in module.heads:
-            out = head(h, tokens, module.model, stage=stage_name, step=module.global_step)
+            out = head(h, batch, module.model, stage=stage_name, step=module.global_step)
             logs.update({f"{stage_name}/{k}": v.detach().float().reshape(()) for k, v in out.logs.items()})
     else:
-        empty = torch.empty(0, device=tokens.device)
+        empty = torch.empty(0, device=device)
         module.val_loss.update(empty)
         module.val_accuracy.update(empty)
-    return _share(runner, logs, stage_name, dist.get_global_rank(group, last_rank), tokens.device)
+    return _share(runner, logs, stage_name, dist.get_global_rank(group, last_rank), device)
 
 
 def _share(

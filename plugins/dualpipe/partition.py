@@ -9,8 +9,11 @@ prediction heads (MTP) and returns the micro-batch's training loss, a scalar:
     piece p        h                     -> layers[s_p:e_p]                         -> h
     piece P-1      h                     -> layers[..:L] -> norm, lm_head -> module.batch_loss -> loss []
 
-Every piece gets the whole token window as the keyword ``tokens`` (torch's stages pass keyword
-arguments to all stages), so the last piece has its targets and MTP its shifted inputs. A piece
+Every piece gets its micro-batch as the keyword ``tokens``: plain windows [b, S+1+extra], or a
+``Batch`` (dsv3_lightning/batch.py) of a conversation batch, with its loss mask, its packed
+documents and the step's global target counts (``Batch.split``). So the last piece has its targets
+and MTP its shifted inputs, and every piece the documents, which keep attention inside each
+conversation and restart its positions in every layer (``run_layers(..., documents=...)``). A piece
 borrows the core's stage seam (``DeepSeekV3.embed``, ``run_layers``, ``head``) and registers as its
 own submodules only what it runs, so that ``piece.parameters()`` is the piece's weights (what a
 PipelineStage splits into input and weight gradients). MTP embeds with ``embed_tokens``: the last
@@ -29,6 +32,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dsv3_lightning.batch import Batch
 from dsv3_lightning.module import DSV3LightningModule
 
 _KEY = "trainer.strategy.init_args"
@@ -78,20 +82,23 @@ class PipelinePiece(nn.Module):
         self.logs: list[dict[str, torch.Tensor]] = []
         """Per micro-batch in forward order (last piece only): the detached ``loss``, ``ce`` and heads' logs."""
 
-    def forward(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | None, tokens: torch.Tensor | Batch) -> torch.Tensor:
+        """``x``: the previous piece's h (unused by the first piece); ``tokens``: the micro-batch."""
         module = self._module
-        inputs, _ = module._split(tokens)
-        model = module.model
-        h = model.embed(inputs) if self.is_first else x
-        h = model.run_layers(h, *self.layer_range)
+        if not isinstance(tokens, Batch):  # plain windows (a conversation batch comes read and split)
+            assert isinstance(tokens, torch.Tensor), type(tokens)
+            tokens = module.read_batch(tokens)
+        batch, model = tokens, module.model
+        h = model.embed(batch.inputs) if self.is_first else x
+        h = model.run_layers(h, *self.layer_range, documents=batch.input_documents)
         if not self.is_last:
             return h
-        return self.loss(h, tokens)
+        return self.loss(h, batch)
 
-    def loss(self, h: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    def loss(self, h: torch.Tensor, batch: Batch) -> torch.Tensor:
         """The module's own step API (``DSV3LightningModule.batch_loss``), without loss terms."""
         module = self._module
-        loss, logs = module.batch_loss(module.model.head(h), h, tokens, loss_terms=False)
+        loss, logs = module.batch_loss(module.model.head(h), h, batch, loss_terms=False)
         self.logs.append({"loss": loss.detach(), **logs})
         return loss
 

@@ -1,7 +1,7 @@
 """PipelineRunner: one training step of a DSV3LightningModule under a pipeline schedule, on one rank.
 
     runner = PipelineRunner(module, plan, group)          # plan = build_plan(schedule, N, M)
-    loss, logs = runner.train_step(tokens)                 # whole batch [B, S+1+extra]; same on all ranks
+    logs, count = runner.train_step(batch)                 # the pipeline's whole batch; same on its ranks
 
 builds this rank's stages and the schedule that runs the plan's action lists:
 
@@ -24,9 +24,21 @@ losses, computed by each router on its own rank), with their count; the strategy
 global batch's means in one all-reduce over all processes (``DSV3LightningModule.log_train``), the
 same numbers one process computes on the whole batch when micro-batches are equal in size.
 
+A batch is plain windows [B, S+1+extra] (pre-training) or a conversation batch read as a ``Batch``
+with the global batch's target counts (the strategy reads it, one all-reduce per step; batch.py).
+``split_microbatches`` cuts it into the M micro-batches, tensors or ``Batch.split``'s (each keeping
+the global counts, so that its loss is its masked sum × M × R / global count), and every stage gets
+its micro-batch as the keyword ``tokens`` (partition.py). Our runtime takes that list. torch's
+schedules split what ``step`` is given themselves, along dim 0 (a dict's tensors too, by pytree; a
+dataclass such as ``Batch`` would be handed whole to every micro-batch), so they are given the token
+windows only, which feed the first stage's positional input, ``target`` (unused) and the shape
+inference, and ``_Stage`` hands its piece our micro-batch of the index torch runs instead: one split,
+the same micro-batches on either runtime.
+
 torch's stages run one extra forward of the first micro-batch at their first step, to infer the
-shapes they exchange (on empty tensors for all but the first stage): its logs are dropped, and its
-routing is neither counted nor given loss terms (``_Stage``).
+shapes they exchange (on empty tensors for all but the first stage, and the plain token windows,
+which give the same shapes): its logs are dropped, and its routing is neither counted nor given loss
+terms (``_Stage``).
 """
 
 from __future__ import annotations
@@ -40,6 +52,7 @@ from dsv3_lightning.plugins.dualpipe.plans import SchedulePlan, compute_only, pl
 from dsv3_lightning.plugins.dualpipe.torch_pipelining import PipelineStage
 from dsv3_lightning.plugins.dualpipe.torch_pipelining import ActionListRuntime
 
+from dsv3_lightning.batch import Batch
 from dsv3_lightning.model.router import statistics_paused
 from dsv3_lightning.module import DSV3LightningModule
 
@@ -47,7 +60,15 @@ _KEY = "trainer.strategy.init_args"
 
 
 class _Stage(PipelineStage):
-    """torch's stage, whose first-step forward to infer shapes leaves no trace in the routers' statistics."""
+    """torch's stage, run on our micro-batches (``microbatches``, set by the runner every step: the
+    forward of micro-batch m gets ``tokens=microbatches[m]``), whose first-step forward to infer
+    shapes leaves no trace in the routers' statistics."""
+
+    microbatches: list[torch.Tensor] | list[Batch] = []
+
+    def forward_one_chunk(self, fwd_chunk_id: int, args, kwargs=None, *rest, **options):
+        kwargs = {**(kwargs or {}), "tokens": self.microbatches[fwd_chunk_id]}
+        return super().forward_one_chunk(fwd_chunk_id, args, kwargs, *rest, **options)
 
     def _forward_metadata_inference(self, *args, **kwargs):
         with statistics_paused(self.submod):
@@ -69,13 +90,17 @@ class _ScaledLoss:
         return loss / self.num_microbatches
 
 
-def split_microbatches(tokens: torch.Tensor, num_microbatches: int) -> list[torch.Tensor]:
+def split_microbatches(
+    batch: torch.Tensor | Batch, num_microbatches: int
+) -> list[torch.Tensor] | list[Batch]:
+    """The step's micro-batches: row blocks of plain windows, or ``Batch.split``'s (global counts kept)."""
+    tokens = batch if isinstance(batch, torch.Tensor) else batch.tokens
     if tokens.shape[0] % num_microbatches:
         raise ValueError(
             f"the batch has {tokens.shape[0]} windows, not a multiple of {_KEY}.num_microbatches "
             f"({num_microbatches}); set data.batch_size to a multiple of {num_microbatches}"
         )
-    return list(tokens.chunk(num_microbatches))
+    return list(batch.chunk(num_microbatches)) if tokens is batch else batch.split(num_microbatches)
 
 
 class PipelineRunner:
@@ -108,6 +133,7 @@ class PipelineRunner:
         self.released: set[str] = set()
         """Parameters whose storage this rank gave back (``release_unowned``)."""
         self._schedule = None
+        self._stages: list[_Stage] = []
         self._log_keys: list[str] | None = None
         self.eval_log_keys: dict[str, list[str]] = {}
         """The heads' evaluation log names by stage name ("val", "test"), once known (evaluation.py)."""
@@ -158,20 +184,28 @@ class PipelineRunner:
             schedule.pipeline_order = dict(self.plan.actions)
             schedule._prepare_schedule_with_comms(schedule.pipeline_order)
         self.pipeline_order = compute_only(schedule.pipeline_order)
-        self._schedule = schedule
+        self._schedule, self._stages = schedule, stages
 
-    def run_schedule(self, tokens: torch.Tensor) -> dict[int, torch.Tensor]:
-        """Forward and backward of all micro-batches; local losses by micro-batch index."""
-        mbs = split_microbatches(tokens, self.plan.num_microbatches)
+    def run_schedule(self, batch: torch.Tensor | Batch) -> dict[int, torch.Tensor]:
+        """Forward and backward of all micro-batches of ``batch`` (windows [B, S+1+extra], or a
+        conversation batch read with its global counts); local losses by micro-batch index."""
+        mbs = split_microbatches(batch, self.plan.num_microbatches)
+        tokens = batch if isinstance(batch, torch.Tensor) else batch.tokens
         for piece in self.pieces:
             piece.logs.clear()
         if self._schedule is None:
-            self._build(mbs[0])
+            self._build(tokens.chunk(self.plan.num_microbatches)[0])
         if isinstance(self._schedule, BidirectionalRuntime):
             return self._schedule.step(mbs)
-        self._schedule.step(
-            tokens, tokens=tokens, target=tokens, return_outputs=False
-        )  # target: unused, required
+        for stage in self._stages:
+            stage.microbatches = mbs  # what each stage runs (_Stage); torch splits ``tokens`` alike
+        try:
+            self._schedule.step(
+                tokens, tokens=tokens, target=tokens, return_outputs=False
+            )  # target: unused, required
+        finally:
+            for stage in self._stages:
+                stage.microbatches = []
         last = [self.pieces[self.layout.piece(s)] for s in self.local_stages if self.layout.is_last(s)]
         for piece in last:  # at its first step torch runs one more forward per stage to infer shapes: drop it
             del piece.logs[: len(piece.logs) - self.plan.num_microbatches]
@@ -198,7 +232,7 @@ class PipelineRunner:
                 p.grad = flat[offset : offset + n].view_as(p).clone()
             offset += n
 
-    def train_step(self, tokens: torch.Tensor) -> tuple[dict[str, torch.Tensor], int]:
+    def train_step(self, batch: torch.Tensor | Batch) -> tuple[dict[str, torch.Tensor], int]:
         """Runs the schedule; returns this rank's log sums and how many micro-batches they cover.
 
         The sums are the last pieces' micro-batch logs (``loss`` without the loss terms, ``ce``, the
@@ -210,7 +244,7 @@ class PipelineRunner:
         losses = self.module.router_losses
         losses.scale = 1.0 / self.plan.num_microbatches
         try:
-            self.run_schedule(tokens)
+            self.run_schedule(batch)
         finally:
             losses.scale = 1.0
         self.sync_gradients()

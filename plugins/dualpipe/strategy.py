@@ -27,6 +27,13 @@ replaces the step:
   ``gradient_clip_algorithm`` is "norm" (Lightning's own clipping then finds nothing to clip);
 - ``validation_step`` / ``test_step`` run a forward through the pieces (evaluation.py), heads' logs
   averaged over the pipelines;
+- conversation batches (``data.conversations``: a dict with a loss mask and packed documents,
+  dsv3_lightning/batch.py) are read once per step into a ``Batch`` whose target counts are the global
+  batch's, summed over one rank per replica (the pipeline position's "block" group: a pipeline's P
+  ranks hold the same batch) in one all-reduce, with R = E x D replicas; each micro-batch keeps those
+  counts (``Batch.split``), so its loss is its masked sum x M x R / global count and the step trains
+  and logs (``train/target_tokens``, ``train/masked_tokens`` too) what one process does on the global
+  batch. Every stage gets its micro-batch's documents (attention and positions);
 - checkpoints are the parallel layer's: by default each rank writes its pieces' share into a sharded
   directory that any mesh (or one process) resumes from; ``checkpoint_format: full`` gathers one
   ordinary file instead (each tensor broadcast from the rank that trains it, ``optimizer_state``'s
@@ -59,9 +66,11 @@ from dsv3_lightning.plugins.dualpipe.evaluation import pipeline_evaluate
 from dsv3_lightning.plugins.dualpipe.overlap import InterleavedOverlap
 from dsv3_lightning.plugins.dualpipe.plans import Schedule, SchedulePlan, build_plan, spec, validate
 from dsv3_lightning.plugins.dualpipe.runner import PipelineRunner
+from dsv3_lightning.plugins.expert_parallel.all_to_all import collective
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
+from dsv3_lightning.batch import Batch
 from dsv3_lightning.plugins.parallel.mesh import KEY as _KEY
 from dsv3_lightning.plugins.parallel.strategy import ParallelStrategy
 
@@ -160,24 +169,56 @@ class DualPipeStrategy(ParallelStrategy):
 
     # ------------------------------------------------------------------ training
     @override
-    def training_step(self, tokens: torch.Tensor, batch_idx: int, *args: Any, **kwargs: Any) -> torch.Tensor:
-        _plain_windows(tokens, type(self).__name__)
+    def training_step(
+        self, batch: torch.Tensor | dict[str, torch.Tensor], batch_idx: int, *args: Any, **kwargs: Any
+    ) -> torch.Tensor:
+        batch = self.read_batch(batch)
         runner = self._runner()
         module = self.lightning_module
         module.zero_grad(
             set_to_none=True
         )  # Lightning zeroes only after training_step; the schedule adds to .grad
         with self.precision_plugin.train_step_context():
-            sums, count = runner.train_step(tokens)
+            sums, count = runner.train_step(batch)
+        if isinstance(batch, Batch) and batch.counts is not None:  # as training_step logs them: global counts
+            sums["target_tokens"] = batch.global_count(1) * count
+            sums["masked_tokens"] = (batch.global_count(0) - batch.global_count(1)) * count
         loss = module.log_train(sums, count)  # the global batch's values, one all-reduce over all processes
         # Lightning zeroes gradients between training_step and backward: keep them aside until backward
         self._grads = {p: p.grad for p in module.parameters() if p.grad is not None}
         for p in self._grads:
             p.grad = None
-        device = tokens.device
+        tokens = batch if isinstance(batch, torch.Tensor) else batch.tokens
         seq_len = tokens.shape[1] - 1 - module.extra_tokens
         module.flops_per_batch = module.flops_per_token * tokens.shape[0] * seq_len
-        return loss.to(device).requires_grad_()
+        return loss.to(tokens.device).requires_grad_()
+
+    def read_batch(self, batch: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor | Batch:
+        """This pipeline's batch as the runner takes it: plain windows as they are (each micro-batch's
+        mean, as before); a conversation batch read as ``DSV3LightningModule.read_batch`` reads it, but
+        with its target counts summed over the replicas (one all-reduce over this pipeline position's
+        block group: summed over all processes, every replica's batch would count P times) and the
+        R = E x D replicas as its shares."""
+        if isinstance(batch, torch.Tensor):
+            return batch
+        module, tokens = self.lightning_module, batch.get("tokens")
+        seq_len = 0 if tokens is None else tokens.shape[1] - 1 - module.extra_tokens
+        if tokens is not None and seq_len < 1:
+            raise ValueError(
+                f"batch windows of {tokens.shape[1]} tokens are too short for the heads, which need "
+                f"{module.extra_tokens} extra token(s): set data.extra_tokens to {module.extra_tokens}"
+            )
+        return Batch.read(  # refuses a dict without tokens, or with other keys
+            batch, seq_len, offsets=1 + module.extra_tokens, replicas=self.mesh.num_replicas,
+            sum_over_processes=self._sum_over_replicas,
+        )  # fmt: skip
+
+    def _sum_over_replicas(self, counts: torch.Tensor) -> torch.Tensor:
+        if self.mesh.num_replicas == 1:
+            return counts
+        comm = self.mesh.comm(self.mesh.block_group, "the target counts")
+        collective(comm, "count all-reduce", lambda: dist.all_reduce(counts, group=comm.group))
+        return counts
 
     @override
     def backward(self, closure_loss: torch.Tensor, optimizer, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -195,21 +236,22 @@ class DualPipeStrategy(ParallelStrategy):
         return self._runner().owners
 
     # ------------------------------------------------------------------ evaluation
-    def _evaluate(self, tokens: torch.Tensor, stage_name: str) -> None:
-        _plain_windows(tokens, type(self).__name__)
-        logs = pipeline_evaluate(self._runner(), tokens, stage_name)
+    def _evaluate(self, batch: torch.Tensor | dict[str, torch.Tensor], stage_name: str) -> None:
+        batch = self.read_batch(batch)
+        logs = pipeline_evaluate(self._runner(), batch, stage_name)
         logs = self.mesh.mean_over_replicas(logs, self.root_device)
-        self.lightning_module.log_dict({k: v.to(tokens.device) for k, v in logs.items()})
+        device = (batch if isinstance(batch, torch.Tensor) else batch.tokens).device
+        self.lightning_module.log_dict({k: v.to(device) for k, v in logs.items()})
 
     @override
-    def validation_step(self, tokens: torch.Tensor, batch_idx: int, *args: Any, **kwargs: Any) -> None:
+    def validation_step(self, batch: Any, batch_idx: int, *args: Any, **kwargs: Any) -> None:
         with self.precision_plugin.val_step_context():
-            self._evaluate(tokens, "val")
+            self._evaluate(batch, "val")
 
     @override
-    def test_step(self, tokens: torch.Tensor, batch_idx: int, *args: Any, **kwargs: Any) -> None:
+    def test_step(self, batch: Any, batch_idx: int, *args: Any, **kwargs: Any) -> None:
         with self.precision_plugin.test_step_context():
-            self._evaluate(tokens, "test")
+            self._evaluate(batch, "test")
 
     @override
     def predict_step(self, *args: Any, **kwargs: Any) -> Any:
@@ -286,16 +328,6 @@ class DualPipeStrategy(ParallelStrategy):
     def teardown(self) -> None:
         self.runner = None
         super().teardown()
-
-
-def _plain_windows(batch: Any, strategy: str) -> None:
-    """Refuses conversation batches (a dict with a loss mask and packed documents, dsv3_lightning.batch):
-    the pipeline's stages carry plain token windows only."""
-    if not isinstance(batch, torch.Tensor):
-        raise NotImplementedError(
-            f"{strategy} trains on plain token windows; fine-tuning on conversations (data.conversations) "
-            "is not supported by the pipeline yet: train it with DDP, FSDP or expert parallelism"
-        )
 
 
 __all__ = ["DualPipeStrategy"]

@@ -21,12 +21,20 @@ both the global batch's mean, whatever the processes' own counts. The global cou
 come from one all-reduce when the batch is read (``Batch.read``); without a mask nothing is reduced
 and the plain mean cross-entropy runs as before. With gradient accumulation each micro-batch is
 normalised by its own count (the micro-batches' means are averaged).
+
+Micro-batches of one step (a pipeline schedule, which weighs each of its M micro-batches' losses 1/M):
+``split(M)`` cuts a batch read as above into M micro-batches of equal rows that keep the *whole*
+batch's global counts and count ``replicas × M`` shares, so micro-batch m's loss is its masked sum
+× replicas × M / global count, and the 1/M-weighted sum over the micro-batches is the whole batch's
+share: the step's gradient and logged values are one process's on the global batch, however the
+targets fall into the micro-batches. The counts are then summed over one process per replica (a
+pipeline's ranks hold the same batch), once per step, before the split.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -76,6 +84,21 @@ class Batch:
         if sum_over_processes is not None:
             counts = sum_over_processes(counts)
         return cls(plain.tokens, seq_len, plain.loss_mask, plain.documents, counts, replicas)
+
+    def split(self, num: int) -> list[Batch]:
+        """``num`` micro-batches of equal rows that a step weighs 1/``num`` each: every one keeps the
+        global counts and counts ``replicas × num`` shares (see above). The caller checks that ``num``
+        divides B (the pipeline names its key)."""
+        assert num >= 1 and self.tokens.shape[0] % num == 0, (self.tokens.shape, num)
+
+        def rows_of(t: torch.Tensor | None, i: int) -> torch.Tensor | None:
+            return None if t is None else t.chunk(num)[i]
+
+        return [
+            replace(self, tokens=rows_of(self.tokens, i), loss_mask=rows_of(self.loss_mask, i),
+                    documents=rows_of(self.documents, i), replicas=self.replicas * num)
+            for i in range(num)
+        ]  # fmt: skip
 
     @property
     def inputs(self) -> torch.Tensor:

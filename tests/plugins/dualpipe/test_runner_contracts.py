@@ -1,4 +1,5 @@
-"""PipelineRunner's input checks, each with the YAML key and the fix."""
+"""PipelineRunner's input checks, each with the YAML key and the fix, and how a conversation batch is cut
+into micro-batches."""
 
 from __future__ import annotations
 
@@ -15,6 +16,48 @@ def test_a_batch_the_microbatches_do_not_divide_is_refused_with_the_fix():
         r"set data.batch_size to a multiple of 4",
     ):
         split_microbatches(make_tokens(6), 4)
+
+
+def _conversation_batch(rows: int, seed: int = 3):
+    import torch
+    from dualpipe_tiny import SEQ
+
+    from dsv3_lightning.batch import Batch
+
+    g = torch.Generator().manual_seed(seed)
+    documents = torch.arange(SEQ + 2).div(4, rounding_mode="floor").expand(rows, -1).clone()
+    loss_mask = torch.rand(rows, SEQ + 2, generator=g) < torch.linspace(0.1, 0.9, rows)[:, None]
+    raw = {"tokens": make_tokens(rows, seed), "loss_mask": loss_mask, "documents": documents}
+    return Batch.read(raw, SEQ, offsets=2)
+
+
+def test_a_conversation_batchs_microbatches_keep_the_global_counts():
+    # micro-batch m's loss is its masked sum x M x R / the whole batch's count: the 1/M-weighted sum over
+    # the micro-batches is the whole batch's mean, however unequally the targets fall into them
+    import torch
+
+    batch = _conversation_batch(8)
+    mbs = split_microbatches(batch, 4)
+    counts = [int(mb.target_mask().sum()) for mb in mbs]
+    assert len(set(counts)) > 1 and all(mb.counts is batch.counts and mb.replicas == 4 for mb in mbs), counts
+    values = torch.rand(8, batch.seq_len, dtype=torch.float64)
+    whole = batch.mean(values)
+    assert torch.allclose(sum(mb.mean(v) for mb, v in zip(mbs, values.chunk(4))) / 4, whole, rtol=1e-12)
+    assert torch.equal(torch.cat([mb.documents for mb in mbs]), batch.documents)
+    with pytest.raises(ValueError, match=r"batch has 6 windows, not a multiple of .*num_microbatches \(4\)"):
+        split_microbatches(_conversation_batch(6), 4)
+
+
+def test_conversation_windows_too_short_for_the_heads_are_refused_with_the_fix():
+    from dsv3_lightning.plugins.dualpipe import DualPipeStrategy
+    from dualpipe_tiny import make_module
+
+    strategy = DualPipeStrategy(2, 4, "1f1b")
+    strategy.connect(make_module(4))  # MTP depth 1: windows need S + 2 tokens
+    whole = _conversation_batch(4)
+    batch = {key: getattr(whole, key)[:, :2] for key in ("tokens", "loss_mask", "documents")}
+    with pytest.raises(ValueError, match=r"windows of 2 tokens are too short .* set data.extra_tokens to 1"):
+        strategy.read_batch(batch)
 
 
 def _count_collectives(rank: int, world: int, out_dir: str) -> None:
