@@ -22,9 +22,10 @@ sums the embedding's gradient over both (``shared_parameters``), as Megatron's e
 under DualPipeV (and DualPipe) they share a rank, as DeepSeek exploits.
 
 The loss is the LightningModule's own step API (``batch_loss``: main CE + the heads' losses), so a
-change to the module's loss applies here too. Not supported here: loss terms registered by callbacks
-(sequence-wise balance losses), which need all layers' router statistics at the loss; the strategy
-refuses them.
+change to the module's loss applies here too. Loss terms registered by callbacks (sequence-wise
+balance losses) are not added here: each router attaches its term to its own layer's output, on
+whichever piece runs it (model/router_losses.py), and the runner collects their values after the
+schedule.
 """
 
 from __future__ import annotations

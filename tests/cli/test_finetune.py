@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 from test_cli import OVERRIDES, ROOT, fit
+from test_generate_convert import MTP
 
 from dsv3_lightning.cli import main
 from dsv3_lightning.generate import run
@@ -18,14 +19,6 @@ from dsv3_lightning.loading import load_trained
 from dsv3_lightning.tokenizer import train_tokenizer
 
 FINETUNE = ROOT / "configs" / "finetune_tiny.yaml"
-MTP = """
-model:
-  heads:
-    - class_path: dsv3_lightning.plugins.mtp.MultiTokenPrediction
-      init_args: {depth: 1, loss_weight: 0.3}
-data:
-  extra_tokens: 1
-"""
 QUESTIONS = [
     ("What does colorsys.rgb_to_hsv do?", "Convert the color from RGB coordinates to HSV coordinates."),
     ("What does bisect.insort do?", "Insert item x in list a, and keep it sorted assuming a is sorted."),
