@@ -21,9 +21,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugins" / "dualpipe"))
-from dualpipe_tiny import ReplicaSampler, make_module, make_tokens, make_trainer, metrics  # noqa: E402
-from dsv3_lightning.plugins.dualpipe import DualPipeStrategy  # noqa: E402
-from dsv3_lightning.plugins.expert_parallel import ExpertParallelStrategy  # noqa: E402
+from dualpipe_tiny import ReplicaSampler, make_module, make_tokens, make_trainer, metrics, strategy_cases  # noqa: E402
 from dsv3_lightning.plugins.fp8 import AdamWBF16  # noqa: E402
 from dsv3_lightning.plugins.load_balancing import (  # noqa: E402
     AuxBalanceLoss,
@@ -38,18 +36,8 @@ WINDOWS = make_tokens(2 * GLOBAL_BATCH, seed=5)
 KEYS = ["train/loss", "train/ce", "train/mtp_loss", "train/seq_balance_loss", "train/max_vio",
         "train/bias_abs_mean"]
 
-# name -> (processes, replicas reading their own share of the global batch, the strategy)
-CASES = {
-    "EP2": (2, 2, lambda: ExpertParallelStrategy(2, start_method="fork", timeout=120)),
-    "EP2xDP2-zero1": (4, 4, lambda: ExpertParallelStrategy(2, zero1=True, start_method="fork", timeout=120)),
-    "PP2-1f1b": (2, 1, lambda: DualPipeStrategy(2, 4, "1f1b", start_method="fork", timeout=120)),
-    "PP2-zb": (2, 1, lambda: DualPipeStrategy(2, 4, "zb", start_method="fork", timeout=120)),
-    "PP2-dualpipe": (2, 1, lambda: DualPipeStrategy(2, 4, "dualpipe", start_method="fork", timeout=120)),
-    "PP2xEP2-dualpipev-zero1": (
-        4, 2, lambda: DualPipeStrategy(2, 4, "dualpipev", expert_parallel_size=2, zero1=True,
-                                       start_method="fork", timeout=120),
-    ),
-}
+# every mesh of dualpipe_tiny.strategy_cases but plain dualpipev (its torch runtime is 1f1b's and zb's)
+CASES = {name: case for name, case in strategy_cases().items() if name != "PP2-dualpipev"}
 
 
 def _module():

@@ -20,9 +20,9 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugins" / "dualpipe"))
-from dualpipe_tiny import SEQ, ReplicaSampler, make_module, make_tokens, make_trainer, metrics  # noqa: E402
-from dsv3_lightning.plugins.dualpipe import DualPipeStrategy  # noqa: E402
-from dsv3_lightning.plugins.expert_parallel import ExpertParallelStrategy  # noqa: E402
+from dualpipe_tiny import (  # noqa: E402
+    SEQ, ReplicaSampler, make_module, make_tokens, make_trainer, metrics, strategy_cases,
+)
 from dsv3_lightning.plugins.load_balancing import AuxLossFreeBalancing, SequenceBalanceLoss  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
@@ -50,19 +50,7 @@ def conversation_windows(n: int) -> list[dict[str, torch.Tensor]]:
 
 WINDOWS = conversation_windows(3 * GLOBAL_BATCH)
 VALIDATION = conversation_windows(4 * GLOBAL_BATCH)[-GLOBAL_BATCH:]  # one global batch, after step 3
-# name -> (processes, replicas reading their own share of the global batch, the strategy)
-CASES = {
-    "EP2": (2, 2, lambda: ExpertParallelStrategy(2, start_method="fork", timeout=120)),
-    "EP2xDP2-zero1": (4, 4, lambda: ExpertParallelStrategy(2, zero1=True, start_method="fork", timeout=120)),
-    "PP2-1f1b": (2, 1, lambda: DualPipeStrategy(2, 4, "1f1b", start_method="fork", timeout=120)),
-    "PP2-zb": (2, 1, lambda: DualPipeStrategy(2, 4, "zb", start_method="fork", timeout=120)),
-    "PP2-dualpipe": (2, 1, lambda: DualPipeStrategy(2, 4, "dualpipe", start_method="fork", timeout=120)),
-    "PP2-dualpipev": (2, 1, lambda: DualPipeStrategy(2, 4, "dualpipev", start_method="fork", timeout=120)),
-    "PP2xEP2-dualpipev-zero1": (
-        4, 2, lambda: DualPipeStrategy(2, 4, "dualpipev", expert_parallel_size=2, zero1=True,
-                                       start_method="fork", timeout=120),
-    ),
-}
+CASES = strategy_cases()
 
 
 def fit(root, case: str | None):

@@ -44,6 +44,26 @@ SHAPE = {
 SEQ = 8
 
 
+def strategy_cases() -> dict:
+    """name -> (processes, replicas reading their own share of the global batch, a strategy maker): the
+    meshes the multi-process tests compare with one process (tests/distributed)."""
+    from dsv3_lightning.plugins.dualpipe import DualPipeStrategy
+    from dsv3_lightning.plugins.expert_parallel import ExpertParallelStrategy
+
+    def pipeline(schedule: str, **options):
+        return lambda: DualPipeStrategy(2, 4, schedule, start_method="fork", timeout=120, **options)
+
+    return {
+        "EP2": (2, 2, lambda: ExpertParallelStrategy(2, start_method="fork", timeout=120)),
+        "EP2xDP2-zero1": (4, 4, lambda: ExpertParallelStrategy(2, zero1=True, start_method="fork", timeout=120)),
+        "PP2-1f1b": (2, 1, pipeline("1f1b")),
+        "PP2-zb": (2, 1, pipeline("zb")),
+        "PP2-dualpipe": (2, 1, pipeline("dualpipe")),
+        "PP2-dualpipev": (2, 1, pipeline("dualpipev")),
+        "PP2xEP2-dualpipev-zero1": (4, 2, pipeline("dualpipev", expert_parallel_size=2, zero1=True)),
+    }
+
+
 def make_module(
     num_hidden_layers: int = 4, mtp: bool = True, *, recompute: bool = False, **changes
 ) -> DSV3LightningModule:
