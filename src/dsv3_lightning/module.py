@@ -41,7 +41,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 import torchmetrics
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from dsv3_lightning.batch import Batch
@@ -395,6 +395,13 @@ class DSV3LightningModule(L.LightningModule):
             raise ValueError(
                 f"the tokenizer has {vocab} tokens but model.config.vocab_size is {self.config.vocab_size}; "
                 f"set model.config.vocab_size to at least {vocab}"
+            )
+        accumulation = self.trainer.accumulate_grad_batches
+        if getattr(datamodule, "conversations", None) is not None and accumulation > 1:
+            rank_zero_warn(
+                f"trainer.accumulate_grad_batches is {accumulation}: each accumulated batch's answer-token loss "
+                "is its own mean, and the optimizer step averages them, whatever their target counts (batch.py). "
+                "For the mean over the whole step's targets, raise data.batch_size instead."
             )
         extra = getattr(datamodule, "extra_tokens", None)
         if extra is not None and extra < self.extra_tokens:
