@@ -19,8 +19,14 @@ process's share is ``its sum × replicas / global count``, so that the strategy'
 over replicas (DDP, FSDP, expert parallelism) and the logged average of the processes' values are
 both the global batch's mean, whatever the processes' own counts. The global counts of every offset
 come from one all-reduce when the batch is read (``Batch.read``); without a mask nothing is reduced
-and the plain mean cross-entropy runs as before. With gradient accumulation each micro-batch is
-normalised by its own count (the micro-batches' means are averaged).
+and the plain mean cross-entropy runs as before.
+
+Gradient accumulation (Lightning divides each of the A accumulated batches' losses by A): the
+counts are those of the whole optimizer step, all replicas and all A batches, which the data order
+knows in advance (``DSV3DataModule.step_counts``: no collective), and the shares count
+``replicas × A``: each batch's loss is its masked sum × replicas × A / the step's count, and the
+step's gradient is the mean over all its targets. A batch of another data source, read without
+them, is normalised by its own global count (the accumulated batches' means are averaged).
 
 Micro-batches of one step (a pipeline schedule, which weighs each of its M micro-batches' losses 1/M):
 ``split(M)`` cuts a batch read as above into M micro-batches of equal rows that keep the *whole*
@@ -67,9 +73,12 @@ class Batch:
         offsets: int = 1,
         sum_over_processes: Callable[[torch.Tensor], torch.Tensor] | None = None,
         replicas: int = 1,
+        counts: torch.Tensor | None = None,
     ) -> Batch:
-        """A batch as the data module made it; with a ``loss_mask``, the target counts of offsets
-        1..``offsets`` are summed over the processes (``sum_over_processes``: one all-reduce)."""
+        """A batch as the data module made it; with a ``loss_mask``, the global counts (positions, then
+        targets at offsets 1..``offsets``) are ``counts`` when the caller knows them (the data order
+        does: ``DSV3DataModule.step_counts``), else this batch's, summed over the processes
+        (``sum_over_processes``: one all-reduce)."""
         if isinstance(batch, torch.Tensor):
             return cls(batch, seq_len)
         unknown = set(batch) - set(KEYS)
@@ -78,6 +87,8 @@ class Batch:
         plain = cls(batch["tokens"], seq_len, batch.get("loss_mask"), batch.get("documents"), replicas=replicas)
         if plain.loss_mask is None:
             return plain
+        if counts is not None:
+            return replace(plain, counts=counts[: 1 + offsets].to(plain.tokens.device, torch.float64))
         positions = plain.inputs.new_tensor(plain.inputs.numel())
         counts = torch.stack([positions, *(plain.target_mask(k).sum() for k in range(1, offsets + 1))])
         counts = counts.to(torch.float64)

@@ -203,10 +203,12 @@ class DSV3LightningModule(L.LightningModule):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids).logits
 
-    def read_batch(self, batch: torch.Tensor | dict[str, torch.Tensor]) -> Batch:
+    def read_batch(self, batch: torch.Tensor | dict[str, torch.Tensor], batch_idx: int | None = None) -> Batch:
         """A batch of windows [B, S + 1 + extra_tokens] (or a conversation batch's dict, batch.py), read
-        for this module's heads: with a loss mask, the global target counts are summed over the
-        processes here (one all-reduce), so every loss is a share of the global batch's mean."""
+        for this module's heads: with a loss mask, every loss is a share of the global batch's mean
+        over its targets. Training batch ``batch_idx`` takes the counts of its whole optimizer step
+        from the data module when it has them (``step_counts``: exact under gradient accumulation, no
+        collective); otherwise the batch's counts are summed over the processes here (one all-reduce)."""
         tokens = batch if isinstance(batch, torch.Tensor) else batch["tokens"]
         seq_len = tokens.shape[1] - 1 - self.extra_tokens
         if seq_len < 1:
@@ -215,10 +217,31 @@ class DSV3LightningModule(L.LightningModule):
                 f"{self.extra_tokens} extra token(s): set data.extra_tokens to {self.extra_tokens}"
             )
         trainer = self._trainer
+        replicas = trainer.world_size if trainer else 1
+        counts = self._step_counts(batch, batch_idx)
+        if counts is not None:
+            replicas *= trainer.accumulate_grad_batches
         return Batch.read(
-            batch, seq_len, offsets=1 + self.extra_tokens, replicas=trainer.world_size if trainer else 1,
+            batch, seq_len, offsets=1 + self.extra_tokens, replicas=replicas, counts=counts,
             sum_over_processes=lambda counts: sum_over_processes(trainer, counts),
         )  # fmt: skip
+
+    def _step_counts(self, batch, batch_idx: int | None) -> torch.Tensor | None:
+        """The global counts of training batch ``batch_idx``'s optimizer step, from the data module."""
+        if self._trainer is None or batch_idx is None or isinstance(batch, torch.Tensor) or batch.get("loss_mask") is None:
+            return None
+        step_counts = getattr(getattr(self._trainer, "datamodule", None), "step_counts", None)
+        if step_counts is None:
+            if self._trainer.accumulate_grad_batches > 1:
+                rank_zero_warn(
+                    f"trainer.accumulate_grad_batches is {self._trainer.accumulate_grad_batches} and the data gives "
+                    "no step counts (DSV3DataModule.step_counts): each accumulated batch's masked loss is its own "
+                    "mean, and the step averages them whatever their target counts"
+                )
+            return None
+        trainer = self._trainer
+        counts = step_counts(self.current_epoch, batch_idx, trainer.accumulate_grad_batches, trainer.num_training_batches)
+        return None if counts is None else torch.from_numpy(counts)
 
     def _split(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs, next-token targets) of plain windows (the pipeline's micro-batches)."""
@@ -254,7 +277,7 @@ class DSV3LightningModule(L.LightningModule):
         return loss, logs
 
     def training_step(self, batch: torch.Tensor | dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        batch = self.read_batch(batch)
+        batch = self.read_batch(batch, batch_idx)
         accumulation = self._trainer.accumulate_grad_batches if self._trainer is not None else 1
         self.router_losses.scale = 1.0 / accumulation  # Lightning divides the loss by it: so do the terms
         out = self.model(batch.inputs, batch.input_documents)
@@ -395,13 +418,6 @@ class DSV3LightningModule(L.LightningModule):
             raise ValueError(
                 f"the tokenizer has {vocab} tokens but model.config.vocab_size is {self.config.vocab_size}; "
                 f"set model.config.vocab_size to at least {vocab}"
-            )
-        accumulation = self.trainer.accumulate_grad_batches
-        if getattr(datamodule, "conversations", None) is not None and accumulation > 1:
-            rank_zero_warn(
-                f"trainer.accumulate_grad_batches is {accumulation}: each accumulated batch's answer-token loss "
-                "is its own mean, and the optimizer step averages them, whatever their target counts (batch.py). "
-                "For the mean over the whole step's targets, raise data.batch_size instead."
             )
         extra = getattr(datamodule, "extra_tokens", None)
         if extra is not None and extra < self.extra_tokens:

@@ -137,13 +137,6 @@ def test_a_checkpoint_of_another_shape_is_refused_naming_the_fields(pretrained, 
         main(["fit", "--config", str(FINETUNE), "--config", str(config), "--model.config.num_nextn_predict_layers", "0"])
 
 
-def test_gradient_accumulation_says_how_it_normalises(pretrained, tmp_path):
-    hf_dir, conversations = pretrained
-    config = finetune_overrides(tmp_path, hf_dir, conversations, 1)
-    with pytest.warns(UserWarning, match=r"accumulate_grad_batches is 2: each accumulated batch's answer-token loss is its own mean"):
-        main(["fit", "--config", str(FINETUNE), "--config", str(config), "--trainer.accumulate_grad_batches", "2"])
-
-
 def test_the_worked_example_fine_tunes_the_quick_start_shape():
     tiny = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())["model"]["config"]
     assert yaml.safe_load(FINETUNE.read_text())["model"]["config"] == tiny

@@ -392,6 +392,20 @@ class ConversationWindows(Dataset):
             "documents": torch.from_numpy(documents),
         }
 
+    def target_counts(self, offsets: int) -> np.ndarray:
+        """[windows, 1 + offsets] float64: each window's positions (``seq_len``), then its targets at
+        offsets 1..``offsets`` as ``Batch.target_mask`` counts them: target token t of a conversation
+        counts at offset k when t - k is a position of the same conversation."""
+        c = self.conversations
+        total = np.concatenate([[0], np.cumsum(c.targets, dtype=np.int64)])
+        starts, ends = c.offsets[:-1], c.offsets[1:]
+        per_conversation = np.stack(
+            [total[ends] - total[np.minimum(starts + k, ends)] for k in range(1, offsets + 1)], axis=1
+        )
+        per_window = np.add.reduceat(per_conversation, self.bounds[:-1], axis=0) if len(self) else per_conversation
+        positions = np.full((len(self), 1), self.capacity - 1)
+        return np.concatenate([positions, per_window], axis=1).astype(np.float64)
+
     def describe(self) -> str:
         """``"310 windows (packing, 91.2% of positions are conversation tokens, 61.0% targets)"``."""
         positions = max(len(self) * self.capacity, 1)

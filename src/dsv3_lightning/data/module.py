@@ -191,6 +191,7 @@ class DSV3DataModule(L.LightningDataModule):
         self._splits: tuple[list[Conversation], list[Conversation]] | None = None
         self._chat: ChatTemplate | None = None
         self._checkpoint_template: str | None = None
+        self._target_counts: np.ndarray | None = None
 
     @staticmethod
     def _corpora(data_path: str | None, mixture: dict[str, float] | None) -> tuple[list[str | None], list[float]]:
@@ -426,8 +427,23 @@ class DSV3DataModule(L.LightningDataModule):
             extra_tokens=self.extra_tokens, batch_size=self.batch_size, pad_id=eos_token_id(tokenizer, source=source),
         )  # fmt: skip
         self._train, self._val, self._tokenizer, self._chat = [train], [val], tokenizer, chat
+        self._target_counts = None
 
     # -------------------------------------------------------------------------------- order
+
+    def step_counts(self, epoch: int, batch_idx: int, accumulation: int, num_batches: int) -> np.ndarray | None:
+        """The global target counts of the optimizer step that training batch ``batch_idx`` of ``epoch``
+        belongs to (conversations only, else None): [positions, targets at offsets 1 .. 1 + extra_tokens]
+        summed over every replica's windows of the step's ``accumulation`` batches (fewer at the end of
+        an epoch of ``num_batches``), read from the global order, so no collective is needed. With them
+        each accumulated batch's loss is a share of the whole step's mean (batch.py)."""
+        if self.conversations is None or self._sampler is None:
+            return None
+        if self._target_counts is None:
+            self._target_counts = self.train_dataset.target_counts(1 + self.extra_tokens)
+        first = batch_idx - batch_idx % accumulation
+        positions = self._sampler.batch_positions(epoch, first, min(first + accumulation, num_batches) - first)
+        return self._target_counts[self._sampler.order(positions)].sum(axis=0)
 
     def _order(self) -> CorpusOrder | MixtureOrder:
         sizes = [len(t) for t in self._train or []]

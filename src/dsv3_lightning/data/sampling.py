@@ -221,6 +221,12 @@ class GlobalOrderSampler(DistributedSampler):
         """Stream positions consumed once Lightning has counted ``batches_done`` batches of ``epoch``."""
         return self.epoch_start(epoch) + (batches_done - self._skipped(epoch)) * self.global_batch
 
+    def batch_positions(self, epoch: int, first: int, count: int) -> np.ndarray:
+        """Every replica's stream positions of Lightning's batches ``first .. first + count - 1`` of
+        ``epoch`` (batch indices as Lightning counts them, a resumed epoch's done ones included)."""
+        start = self.epoch_start(epoch) + (first - self._skipped(epoch)) * self.global_batch
+        return np.arange(start, start + count * self.global_batch, dtype=np.int64)
+
     def positions(self, epoch: int) -> Iterator[np.ndarray]:
         """This replica's stream positions, batch by batch."""
         start = self.epoch_start(epoch)
