@@ -201,15 +201,9 @@ class DualPipeStrategy(ParallelStrategy):
         R = E x D replicas as its shares."""
         if isinstance(batch, torch.Tensor):
             return batch
-        module, tokens = self.lightning_module, batch.get("tokens")
-        seq_len = 0 if tokens is None else tokens.shape[1] - 1 - module.extra_tokens
-        if tokens is not None and seq_len < 1:
-            raise ValueError(
-                f"batch windows of {tokens.shape[1]} tokens are too short for the heads, which need "
-                f"{module.extra_tokens} extra token(s): set data.extra_tokens to {module.extra_tokens}"
-            )
+        module = self.lightning_module
         return Batch.read(  # refuses a dict without tokens, or with other keys
-            batch, seq_len, offsets=1 + module.extra_tokens, replicas=self.mesh.num_replicas,
+            batch, module.seq_len_of(batch), offsets=1 + module.extra_tokens, replicas=self.mesh.num_replicas,
             sum_over_processes=self._sum_over_replicas,
         )  # fmt: skip
 

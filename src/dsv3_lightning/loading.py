@@ -87,14 +87,15 @@ def load_lightning_checkpoint(path: Path, heads: list[PredictionHead] | None = N
     data_state = checkpoint.get("DSV3DataModule", {})
     tokenizer = None
     if "tokenizer_json" in data_state:
-        tokenizer = tokenizer_from_str(data_state["tokenizer_json"], source=f"{path}'s tokenizer")
+        tokenizer = tokenizer_from_str(data_state["tokenizer_json"], source=f"{path}'s tokenizer", require_eos=False)
     chat = ChatTemplate.from_checkpoint(data_state, tokenizer)
     return LoadedModel(module.model.eval(), [h.eval() for h in module.heads], tokenizer, str(path), chat)
 
 
 def load_hf_directory(path: Path) -> LoadedModel:
     model = DeepSeekV3.from_pretrained(path).eval()
-    tokenizer = load_tokenizer(path / "tokenizer.json") if (path / "tokenizer.json").is_file() else None
+    file = path / "tokenizer.json"
+    tokenizer = load_tokenizer(file, require_eos=False) if file.is_file() else None
     return LoadedModel(model, [], tokenizer, str(path), ChatTemplate.from_directory(path, tokenizer))
 
 
@@ -113,7 +114,7 @@ def load_trained(
             f"{path}: no such checkpoint file, sharded checkpoint or Hugging Face directory"
         )
     if tokenizer_path is not None:
-        loaded.tokenizer = load_tokenizer(tokenizer_path)
+        loaded.tokenizer = load_tokenizer(tokenizer_path, require_eos=False)
     return loaded
 
 

@@ -203,19 +203,28 @@ class DSV3LightningModule(L.LightningModule):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids).logits
 
-    def read_batch(self, batch: torch.Tensor | dict[str, torch.Tensor], batch_idx: int | None = None) -> Batch:
-        """A batch of windows [B, S + 1 + extra_tokens] (or a conversation batch's dict, batch.py), read
-        for this module's heads: with a loss mask, every loss is a share of the global batch's mean
-        over its targets. Training batch ``batch_idx`` takes the counts of its whole optimizer step
-        from the data module when it has them (``step_counts``: exact under gradient accumulation, no
-        collective); otherwise the batch's counts are summed over the processes here (one all-reduce)."""
-        tokens = batch if isinstance(batch, torch.Tensor) else batch["tokens"]
+    def seq_len_of(self, batch: torch.Tensor | dict[str, torch.Tensor]) -> int:
+        """S, the positions the model runs on ``batch``'s windows [B, S + 1 + extra_tokens]; windows too
+        short for the heads are refused with the fix (0 for a dict without tokens: ``Batch.read``
+        refuses it)."""
+        tokens = batch if isinstance(batch, torch.Tensor) else batch.get("tokens")
+        if tokens is None:
+            return 0
         seq_len = tokens.shape[1] - 1 - self.extra_tokens
         if seq_len < 1:
             raise ValueError(
                 f"batch windows of {tokens.shape[1]} tokens are too short for the heads, which need "
                 f"{self.extra_tokens} extra token(s): set data.extra_tokens to {self.extra_tokens}"
             )
+        return seq_len
+
+    def read_batch(self, batch: torch.Tensor | dict[str, torch.Tensor], batch_idx: int | None = None) -> Batch:
+        """A batch of windows (or a conversation batch's dict, batch.py), read for this module's heads:
+        with a loss mask, every loss is a share of the global batch's mean over its targets. Training
+        batch ``batch_idx`` takes the counts of its whole optimizer step from the data module when it
+        has them (``step_counts``: exact under gradient accumulation, no collective); otherwise the
+        batch's counts are summed over the processes here (one all-reduce)."""
+        seq_len = self.seq_len_of(batch)
         trainer = self._trainer
         replicas = trainer.world_size if trainer else 1
         counts = self._step_counts(batch, batch_idx)
@@ -223,7 +232,7 @@ class DSV3LightningModule(L.LightningModule):
             replicas *= trainer.accumulate_grad_batches
         return Batch.read(
             batch, seq_len, offsets=1 + self.extra_tokens, replicas=replicas, counts=counts,
-            sum_over_processes=lambda counts: sum_over_processes(trainer, counts),
+            sum_over_processes=lambda c: sum_over_processes(trainer, c),
         )  # fmt: skip
 
     def _step_counts(self, batch, batch_idx: int | None) -> torch.Tensor | None:

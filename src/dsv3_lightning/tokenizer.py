@@ -61,8 +61,10 @@ def train_tokenizer(documents: Iterable[str], *, vocab_size: int) -> Tokenizer:
     return tokenizer
 
 
-def tokenizer_from_str(text: str, *, source: str) -> Tokenizer:
-    """Parse a serialized ``tokenizer.json``; ``source`` names where it came from in the error."""
+def tokenizer_from_str(text: str, *, source: str, require_eos: bool = True) -> Tokenizer:
+    """Parse a serialized ``tokenizer.json``; ``source`` names where it came from in the error. It must
+    define ``<|eos|>`` (pretraining's document separator) unless ``require_eos`` is false: fine-tuning
+    and generation take a released tokenizer with its own special tokens."""
     try:
         tokenizer = Tokenizer.from_str(text)
     except Exception as err:  # tokenizers raises a bare Exception for malformed JSON
@@ -70,19 +72,21 @@ def tokenizer_from_str(text: str, *, source: str) -> Tokenizer:
             f"{source} is not a valid Hugging Face tokenizer.json ({err}). Point data.tokenizer_path at "
             "a file written by tokenizers' Tokenizer.save(), or set it to null to train one on the corpus."
         ) from err
-    eos_token_id(tokenizer, source=source)
+    if require_eos:
+        eos_token_id(tokenizer, source=source)
     return tokenizer
 
 
-def load_tokenizer(path: str | Path) -> Tokenizer:
-    """Load a ``tokenizer.json`` named by ``data.tokenizer_path``; it must define ``<|eos|>``."""
+def load_tokenizer(path: str | Path, *, require_eos: bool = True) -> Tokenizer:
+    """Load a ``tokenizer.json`` named by ``data.tokenizer_path`` (``require_eos``: as ``tokenizer_from_str``)."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(
             f"data.tokenizer_path ({str(path)!r}) does not exist or is not a file. Point it at a "
             "tokenizer.json, or set it to null to train a tokenizer on the corpus."
         )
-    return tokenizer_from_str(path.read_text(encoding="utf-8"), source=f"data.tokenizer_path ({str(path)!r})")
+    source = f"data.tokenizer_path ({str(path)!r})"
+    return tokenizer_from_str(path.read_text(encoding="utf-8"), source=source, require_eos=require_eos)
 
 
 def eos_token_id(tokenizer: Tokenizer, *, source: str = "the tokenizer") -> int:

@@ -13,7 +13,6 @@ from dsv3_lightning.data.chat import (
     ChatTemplate,
     choose_template,
     load_chat_template,
-    render_prompt,
     resolve_template,
     template_tokens,
 )
@@ -48,9 +47,10 @@ def test_dsv3_plain_renders_turns_and_answers_after_the_generation_prompt() -> N
     ]
     full = chat.render(CONVERSATION, add_generation_prompt=False)
     assert "".join(text for text, _ in chat.segments(CONVERSATION)) == full
-    assert render_prompt(
-        BUILTIN_TEMPLATES["dsv3_plain"], CONVERSATION[:2], bos_token="", eos_token="<|eos|>"
-    ) == ("Answer briefly.\n\nUser: What does json.dumps do?\n\nAssistant:")
+    prompt = ChatTemplate(BUILTIN_TEMPLATES["dsv3_plain"], origin="t", bos_token="", eos_token="<|eos|>")
+    assert prompt.render(CONVERSATION[:2], add_generation_prompt=True) == (
+        "Answer briefly.\n\nUser: What does json.dumps do?\n\nAssistant:"
+    )
 
 
 def test_chatml_is_the_standard_one() -> None:
@@ -167,12 +167,14 @@ def test_where_a_template_comes_from(tmp_path: Path, tokenizer) -> None:
         resolve_template(None, tmp_path)
     assert template_tokens(None, tokenizer) == ("<|bos|>", "<|eos|>")
     # The checkpoint's template wins over the directory's when the key is null, not over an explicit one.
-    chosen = choose_template(
-        None, tokenizer_dir=tmp_path, tokenizer=tokenizer, checkpoint_template="{{ 'ckpt' }}"
+    checkpoint = ChatTemplate.from_checkpoint(
+        {"chat_template": "{{ 'ckpt' }}", "chat_tokens": ["<s>", "</s>"]}, tokenizer
     )
+    chosen = choose_template(None, tokenizer_dir=tmp_path, tokenizer=tokenizer, checkpoint=checkpoint)
     assert chosen.origin == "the checkpoint's chat template"
+    assert (chosen.bos_token, chosen.eos_token) == ("<s>", "</s>")  # the tokens it trained with, kept
     assert (
-        choose_template("chatml", tokenizer_dir=None, tokenizer=tokenizer, checkpoint_template="c").source
+        choose_template("chatml", tokenizer_dir=None, tokenizer=tokenizer, checkpoint=checkpoint).source
         == BUILTIN_TEMPLATES["chatml"]
     )
     assert choose_template(None, tokenizer_dir=tmp_path, tokenizer=tokenizer, required=False) is None

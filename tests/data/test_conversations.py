@@ -471,3 +471,35 @@ def test_the_tokenizers_own_template_is_the_default(
     )
     item = dm.train_dataset[0]
     assert _decode(tokenizer, item["tokens"][item["loss_mask"]]).endswith("<|im_end|>\n")
+
+
+def test_a_released_tokenizer_without_eos_fine_tunes_and_resumes_with_its_own_tokens(
+    tmp_path: Path, chat_file: Path
+) -> None:
+    """A released tokenizer has its own special tokens and no ``<|eos|>`` (only pretraining needs it):
+    windows pad with the template's eos token, and a resume renders with the tokens the checkpoint
+    trained with, not the defaults."""
+    from tokenizers import AddedToken
+
+    released = train_tokenizer([f"{q} {a}" for q, a in PAIRS] * 10, vocab_size=320)
+    released = Tokenizer.from_str(released.to_str().replace(EOS_TOKEN, "<|reserved|>"))
+    released.add_special_tokens([AddedToken("<|im_start|>", special=True), AddedToken("<|im_end|>", special=True)])
+    assert released.token_to_id(EOS_TOKEN) is None
+    hf_dir = tmp_path / "released"
+    hf_dir.mkdir()
+    released.save(str(hf_dir / "tokenizer.json"))
+    config = {"chat_template": BUILTIN_TEMPLATES["chatml"], "eos_token": "<|im_end|>", "bos_token": "<s>"}
+    (hf_dir / "tokenizer_config.json").write_text(json.dumps(config))
+    dm = _dm(tmp_path, hf_dir, {"path": str(chat_file)}, vocab_size=330, seq_len=128)
+    dm.setup("fit")
+    item = dm.train_dataset[0]
+    padding = item["documents"] == -1
+    assert padding.any() and (item["tokens"][padding] == released.token_to_id("<|im_end|>")).all()
+    state = dm.state_dict()
+    assert state["chat_tokens"] == ["<s>", "<|im_end|>"]
+    fresh = _dm(tmp_path, None, {"path": str(chat_file)}, vocab_size=330, seq_len=128)
+    fresh.setup("fit")
+    fresh.load_state_dict(state)
+    chat = fresh.chat_template
+    assert (chat.source, chat.bos_token, chat.eos_token) == (config["chat_template"], "<s>", "<|im_end|>")
+    np.testing.assert_array_equal(fresh.train_dataset[0]["tokens"], item["tokens"])

@@ -67,7 +67,7 @@ def test_each_window_counts_its_targets_as_the_loss_does(data):
     dm = datamodule(data, 2)
     dm.setup("fit")
     windows = dm.train_dataset
-    table = windows.target_counts(2)
+    table = windows.target_counts
     for i in range(len(windows)):
         read = Batch.read({k: v[None] for k, v in windows[i].items()}, 40, offsets=2)
         assert table[i].tolist() == read.counts.tolist(), i
@@ -93,7 +93,7 @@ def test_a_steps_counts_cover_every_replicas_windows_of_its_accumulated_batches(
 
     dm = datamodule(data, 2)
     dm.setup("fit")
-    table = dm.train_dataset.target_counts(2)
+    table = dm.train_dataset.target_counts
     samplers = [
         GlobalOrderSampler(dm._order(), num_windows=len(dm.train_dataset), num_replicas=2, rank=r, batch_size=2)
         for r in range(2)

@@ -14,7 +14,7 @@ for fine-tuning, the DataModule.
 ==================== ==========================================================================
 """
 
-from dsv3_lightning.data.chat import BUILTIN_TEMPLATES, load_chat_template, render_prompt, resolve_template
+from dsv3_lightning.data.chat import BUILTIN_TEMPLATES, ChatTemplate, load_chat_template, resolve_template
 from dsv3_lightning.data.conversations import Conversations
 from dsv3_lightning.data.module import (
     DSV3DataModule,
@@ -28,6 +28,7 @@ from dsv3_lightning.data.store import TokenWindows, open_prepared
 
 __all__ = [
     "BUILTIN_TEMPLATES",
+    "ChatTemplate",
     "Conversations",
     "DSV3DataModule",
     "PrepareSettings",
@@ -37,7 +38,6 @@ __all__ = [
     "load_chat_template",
     "open_prepared",
     "prepare_corpus",
-    "render_prompt",
     "resolve_template",
     "targets_in_batch",
     "windows_in_batch",

@@ -9,7 +9,7 @@ that does not escape HTML (transformers replaces Jinja's own, which turns ``<`` 
 ``{% generation %}...{% endgeneration %}`` accepted and rendered as plain text (transformers uses it to
 mark assistant text; the prefix rendering below finds that text for any template). So a template
 renders here exactly as in transformers, and a model fine-tuned here sees at generation time
-(``dsv3 generate --chat``, :func:`render_prompt`) the very text it was trained on.
+(``dsv3 generate --chat true``: ``render`` with the generation prompt) the very text it was trained on.
 
 **Assistant spans by prefix rendering.** For each assistant message ``i``:
 ``P = render(messages[:i], add_generation_prompt=True)`` is the prompt the model is given at generation
@@ -166,6 +166,13 @@ class ChatTemplate:
         bos_token, eos_token = template_tokens(directory, tokenizer) if tokenizer else ("", "")
         return cls(found[0], origin=found[1], bos_token=bos_token, eos_token=eos_token)
 
+    def pad_id(self, tokenizer: Tokenizer) -> int:
+        """The token that pads conversation windows: the template's end-of-sequence token (``<|eos|>``
+        for this repository's tokenizers), else id 0. Padding is never a target and forms a document
+        of its own, so the choice only has to be a valid id."""
+        token_id = tokenizer.token_to_id(self.eos_token) if self.eos_token else None
+        return 0 if token_id is None else token_id
+
     def checkpoint_state(self) -> dict[str, Any]:
         """What a checkpoint's data-module state keeps of it (``from_checkpoint`` reads it back)."""
         return {"chat_template": self.source, "chat_tokens": [self.bos_token, self.eos_token]}
@@ -226,14 +233,6 @@ class ChatTemplate:
             f"follows it (one that rewrites earlier turns, e.g. drops their reasoning, cannot). Set {_KEY} to "
             f"such a template, e.g. one of the built-ins ({', '.join(BUILTIN_TEMPLATES)})."
         )
-
-
-def render_prompt(
-    template: str, messages: Sequence[dict[str, str]], *, bos_token: str, eos_token: str
-) -> str:
-    """``messages`` rendered with the generation prompt: what a model is given to answer them."""
-    chat = ChatTemplate(template, origin="the chat template", bos_token=bos_token, eos_token=eos_token)
-    return chat.render(messages, add_generation_prompt=True)
 
 
 # ----------------------------------------------------------------------- a tokenizer's template
@@ -350,22 +349,22 @@ def choose_template(
     *,
     tokenizer_dir: str | Path | None,
     tokenizer: Tokenizer,
-    checkpoint_template: str | None = None,
+    checkpoint: ChatTemplate | None = None,
     required: bool = True,
 ) -> ChatTemplate | None:
     """The chat template to render with: ``spec`` (``data.conversations.chat_template``) when given;
-    when null, ``checkpoint_template`` (a checkpoint's, which wins as the checkpoint's tokenizer does),
-    else the tokenizer directory's own. With none found, an error, or None when not ``required``
-    (a checkpoint may still bring one). Its special tokens are :func:`template_tokens`'."""
-    if spec is None and checkpoint_template is not None:
-        source, origin = checkpoint_template, "the checkpoint's chat template"
-    else:
-        try:
-            source, origin = resolve_template(spec, tokenizer_dir)
-        except ValueError:
-            if spec is None and not required:
-                return None
-            raise
+    when null, ``checkpoint`` (a checkpoint's, with the special tokens it trained with: it wins as the
+    checkpoint's tokenizer does), else the tokenizer directory's own. With none found, an error, or None
+    when not ``required`` (a checkpoint may still bring one). The special tokens of a template not the
+    checkpoint's are :func:`template_tokens`'."""
+    if spec is None and checkpoint is not None:
+        return checkpoint
+    try:
+        source, origin = resolve_template(spec, tokenizer_dir)
+    except ValueError:
+        if spec is None and not required:
+            return None
+        raise
     bos_token, eos_token = template_tokens(tokenizer_dir, tokenizer)
     return ChatTemplate(source, origin=origin, bos_token=bos_token, eos_token=eos_token)
 
@@ -375,7 +374,6 @@ __all__ = [
     "ChatTemplate",
     "choose_template",
     "load_chat_template",
-    "render_prompt",
     "resolve_template",
     "template_tokens",
     "tokenizer_directory",

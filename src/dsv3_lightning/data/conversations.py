@@ -31,7 +31,8 @@ A window (:class:`ConversationWindows`) is a dict of three tensors of ``window_l
 extra_tokens``): ``tokens`` (int64), ``loss_mask`` (bool: the token is a training target, predicted
 from the tokens before it) and ``documents`` (int64: the conversation's index in the window, 0, 1, ...,
 -1 on padding). Padding, after the last conversation and on the positions from ``seq_len + 1`` on, is
-``<|eos|>`` with no target and document -1. The model restarts positions at each document, keeps
+the template's end-of-sequence token (``ChatTemplate.pad_id``: ``<|eos|>`` for this repository's
+tokenizers) with no target and document -1. The model restarts positions at each document, keeps
 attention within one and scores a target only when the predicting position is of the same document.
 
 Not supported: tool calls and other message fields (only ``role`` and ``content`` reach the
@@ -352,7 +353,7 @@ class ConversationWindows(Dataset):
         conversations: The conversations, each at most ``capacity`` tokens.
         capacity: Positions a window gives its conversations: ``seq_len + 1``.
         window_len: ``seq_len + 1 + extra_tokens``.
-        pad_id: The token of padding positions (``<|eos|>``).
+        pad_id: The token of padding positions (``ChatTemplate.pad_id``).
         packing: Several conversations a window, or one.
     """
 
@@ -372,6 +373,22 @@ class ConversationWindows(Dataset):
         self.pad_id = pad_id
         self.packing = packing
         self.bounds = pack(conversations.lengths, capacity, packing)
+        self.target_counts = self._target_counts(offsets=window_len - capacity + 1)
+        """[windows, 1 + offsets] float64: each window's positions (``seq_len``), then its targets at
+        offsets 1 .. 1 + extra_tokens as ``Batch.target_mask`` counts them (target token t of a
+        conversation counts at offset k when t - k is a position of the same conversation): what
+        ``DSV3DataModule.step_counts`` sums for every optimizer step."""
+
+    def _target_counts(self, offsets: int) -> np.ndarray:
+        c = self.conversations
+        total = np.concatenate([[0], np.cumsum(c.targets, dtype=np.int64)])
+        starts, ends = c.offsets[:-1], c.offsets[1:]
+        per_conversation = np.stack(
+            [total[ends] - total[np.minimum(starts + k, ends)] for k in range(1, offsets + 1)], axis=1
+        )
+        per_window = np.add.reduceat(per_conversation, self.bounds[:-1], axis=0) if len(self) else per_conversation
+        positions = np.full((len(self), 1), self.capacity - 1)
+        return np.concatenate([positions, per_window], axis=1).astype(np.float64)
 
     def __len__(self) -> int:
         return len(self.bounds) - 1
@@ -391,20 +408,6 @@ class ConversationWindows(Dataset):
             "loss_mask": torch.from_numpy(loss_mask),
             "documents": torch.from_numpy(documents),
         }
-
-    def target_counts(self, offsets: int) -> np.ndarray:
-        """[windows, 1 + offsets] float64: each window's positions (``seq_len``), then its targets at
-        offsets 1..``offsets`` as ``Batch.target_mask`` counts them: target token t of a conversation
-        counts at offset k when t - k is a position of the same conversation."""
-        c = self.conversations
-        total = np.concatenate([[0], np.cumsum(c.targets, dtype=np.int64)])
-        starts, ends = c.offsets[:-1], c.offsets[1:]
-        per_conversation = np.stack(
-            [total[ends] - total[np.minimum(starts + k, ends)] for k in range(1, offsets + 1)], axis=1
-        )
-        per_window = np.add.reduceat(per_conversation, self.bounds[:-1], axis=0) if len(self) else per_conversation
-        positions = np.full((len(self), 1), self.capacity - 1)
-        return np.concatenate([positions, per_window], axis=1).astype(np.float64)
 
     def describe(self) -> str:
         """``"310 windows (packing, 91.2% of positions are conversation tokens, 61.0% targets)"``."""

@@ -190,8 +190,7 @@ class DSV3DataModule(L.LightningDataModule):
         self._listed: dict[str | None, list[SourceFile]] = {}
         self._splits: tuple[list[Conversation], list[Conversation]] | None = None
         self._chat: ChatTemplate | None = None
-        self._checkpoint_template: str | None = None
-        self._target_counts: np.ndarray | None = None
+        self._checkpoint_chat: ChatTemplate | None = None
 
     @staticmethod
     def _corpora(data_path: str | None, mixture: dict[str, float] | None) -> tuple[list[str | None], list[float]]:
@@ -275,7 +274,9 @@ class DSV3DataModule(L.LightningDataModule):
             path = Path(self.tokenizer_path).expanduser()
             if path.is_dir():
                 path = path / "tokenizer.json"
-            return load_tokenizer(path), f"data.tokenizer_path ({self.tokenizer_path!r})"
+            # <|eos|> separates pretraining documents; conversations end with their template's own
+            tokenizer = load_tokenizer(path, require_eos=self.conversations is None)
+            return tokenizer, f"data.tokenizer_path ({self.tokenizer_path!r})"
         return None, ""
 
     def _sources(self, data_path: str | None) -> list[SourceFile]:
@@ -418,16 +419,15 @@ class DSV3DataModule(L.LightningDataModule):
         self._check_vocabulary(source, size, f"Raise data.vocab_size to at least {size}, or use a smaller tokenizer.")
         chat = choose_template(
             self.conversations.chat_template, tokenizer_dir=tokenizer_directory(self.tokenizer_path),
-            tokenizer=tokenizer, checkpoint_template=self._checkpoint_template, required=final,
+            tokenizer=tokenizer, checkpoint=self._checkpoint_chat, required=final,
         )  # fmt: skip
         if chat is None:  # the checkpoint restored after setup may bring one
             return
         train, val = conversation_windows(
             *self._splits, settings=self.conversations, chat=chat, tokenizer=tokenizer, seq_len=self.seq_len,
-            extra_tokens=self.extra_tokens, batch_size=self.batch_size, pad_id=eos_token_id(tokenizer, source=source),
+            extra_tokens=self.extra_tokens, batch_size=self.batch_size, pad_id=chat.pad_id(tokenizer),
         )  # fmt: skip
         self._train, self._val, self._tokenizer, self._chat = [train], [val], tokenizer, chat
-        self._target_counts = None
 
     # -------------------------------------------------------------------------------- order
 
@@ -439,11 +439,10 @@ class DSV3DataModule(L.LightningDataModule):
         each accumulated batch's loss is a share of the whole step's mean (batch.py)."""
         if self.conversations is None or self._sampler is None:
             return None
-        if self._target_counts is None:
-            self._target_counts = self.train_dataset.target_counts(1 + self.extra_tokens)
+        table = self.train_dataset.target_counts
         first = batch_idx - batch_idx % accumulation
         positions = self._sampler.batch_positions(epoch, first, min(first + accumulation, num_batches) - first)
-        return self._target_counts[self._sampler.order(positions)].sum(axis=0)
+        return table[self._sampler.order(positions)].sum(axis=0)
 
     def _order(self) -> CorpusOrder | MixtureOrder:
         sizes = [len(t) for t in self._train or []]
@@ -545,14 +544,11 @@ class DSV3DataModule(L.LightningDataModule):
         does and ``data.conversations.chat_template`` is null.
         """
         self._resume_position = state_dict.get("position")
-        changed = []
-        if self.conversations is not None and state_dict.get("chat_template") is not None:
-            self._checkpoint_template = state_dict["chat_template"]
-            unset = self.conversations.chat_template is None
-            if unset and self._chat is not None and self._chat.source != self._checkpoint_template:
-                changed.append("chat template")
+        changed, tokenizer = [], None
         if "tokenizer_json" in state_dict:
-            tokenizer = tokenizer_from_str(state_dict["tokenizer_json"], source="the checkpoint's tokenizer")
+            tokenizer = tokenizer_from_str(
+                state_dict["tokenizer_json"], source="the checkpoint's tokenizer", require_eos=self.conversations is None
+            )  # fmt: skip
             self._check_vocabulary(
                 "the checkpoint's tokenizer", tokenizer.get_vocab_size(),
                 f"Set data.vocab_size to the checkpoint's ({state_dict.get('vocab_size')}).",
@@ -562,6 +558,12 @@ class DSV3DataModule(L.LightningDataModule):
                 self._checkpoint_tokenizer = tokenizer
                 self._tokenizer = tokenizer
                 changed.append("tokenizer")
+        if self.conversations is not None:
+            self._checkpoint_chat = ChatTemplate.from_checkpoint(state_dict, tokenizer)
+            unset = self.conversations.chat_template is None
+            chat, current = self._checkpoint_chat, self._chat
+            if unset and chat is not None and current is not None and current.checkpoint_state() != chat.checkpoint_state():
+                changed.append("chat template")
         if changed and self._train is not None:
             what = " and ".join(changed)
             if self.conversations is not None:

@@ -224,7 +224,7 @@ class GlobalOrderSampler(DistributedSampler):
     def batch_positions(self, epoch: int, first: int, count: int) -> np.ndarray:
         """Every replica's stream positions of Lightning's batches ``first .. first + count - 1`` of
         ``epoch`` (batch indices as Lightning counts them, a resumed epoch's done ones included)."""
-        start = self.epoch_start(epoch) + (first - self._skipped(epoch)) * self.global_batch
+        start = self.samples_done(epoch, first)
         return np.arange(start, start + count * self.global_batch, dtype=np.int64)
 
     def positions(self, epoch: int) -> Iterator[np.ndarray]:
