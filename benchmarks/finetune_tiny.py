@@ -23,12 +23,13 @@ of each fine-tune) and the answers.
 from __future__ import annotations
 
 import argparse
-import csv
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from dsv3_lightning.sweep.results import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 DSV3 = str(Path(sys.executable).parent / "dsv3")
@@ -49,11 +50,8 @@ def dsv3(work: Path, *args: str) -> tuple[str, float]:
 def last_metrics(work: Path, name: str) -> dict[str, float]:
     """The last value of each column of the newest run's metrics.csv under runs/NAME."""
     version = sorted((work / "runs" / name).glob("version_*"), key=lambda p: int(p.name.split("_")[1]))[-1]
-    values: dict[str, float] = {}
-    with open(version / "metrics.csv") as f:
-        for row in csv.DictReader(f):
-            values.update({k: float(v) for k, v in row.items() if v and k != "step"})
-    return values
+    rows = read_metrics(version / "metrics.csv")
+    return {key: float(value) for row in rows for key, value in row.items() if value and key != "step"}
 
 
 def main() -> None:

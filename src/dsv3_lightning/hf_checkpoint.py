@@ -9,10 +9,10 @@ Block FP8 (DeepSeek's and Kimi's releases): a quantized weight W [out, in] is st
 [ceil(out/b0), ceil(in/b1)], ``quantization_config.weight_block_size`` [b0, b1], 128x128 in the
 releases), real = fp8 * scale_inv block by block, edge blocks cropped. The scale is found through
 ``model.safetensors.index.json`` and may sit in another shard than its weight (the releases split
-them so). ``get`` dequantizes a few block rows (b0 rows each) at a time from a safetensors slice into the
-float32 result, so the extra memory of reading an FP8 tensor is bounded (``STEP_ELEMENTS``), not a
-second copy of the weight in float32 beside its scale map. The values are those of ``fp8.float() * scale`` on the
-whole tensor, bit for bit. Tensors that are not FP8 come back in the dtype they are stored in
+them so). ``get`` dequantizes a few block rows (b0 rows each) at a time from a safetensors slice
+into the float32 result, so the extra memory of reading an FP8 tensor is bounded (``STEP_ELEMENTS``),
+not a second copy of the weight in float32 beside its scale map. The values are those of
+``fp8.float() * scale`` on the whole tensor, bit for bit. Tensors that are not FP8 come back in the dtype they are stored in
 (the releases' bfloat16 weights, a float32 router or selection bias).
 
 A weight stored as FP8 without its scale, a scale whose shape does not fit its weight, or a scale
@@ -175,7 +175,6 @@ def dequantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype:
     """
     from safetensors.torch import save_file
 
-
     src, dst = Path(src), Path(dst)
     reader = CheckpointReader(src, raw=True)
     dst.mkdir(parents=True, exist_ok=True)
@@ -208,9 +207,6 @@ def dequantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype:
         os.chmod(path, new_file_mode())
 
 
-__all__ = ["CheckpointReader", "dequantize_blocks", "dequantize_checkpoint"]
-
-
 def new_file_mode() -> int:
     """The mode ``open()`` gives a new file, ``0o666 & ~umask``: the mode every written file gets.
 
@@ -225,3 +221,7 @@ def new_file_mode() -> int:
         umask = os.umask(0)
         os.umask(umask)
     return 0o666 & ~umask
+
+
+__all__ = ["CheckpointReader", "dequantize_blocks", "dequantize_checkpoint", "new_file_mode"]
+
